@@ -1,0 +1,129 @@
+"""From a validated ``send`` request to a stored job.
+
+Per-channel rules (addresses, phone numbers, required parts) and template rendering happen
+here, before anything is stored, so every refusal reaches the sender in its answer. Jobs
+accepted together are committed together (group commit, see ``batching``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection, Sequence
+
+from notifier.batching import Batcher
+from notifier.channels.mime import new_message_id
+from notifier.errors import InvalidRequest, UnknownChannel
+from notifier.models import Enqueued, Message, NewJob
+from notifier.protocol import SendRequest, check_header_value, check_mailbox, check_phone
+from notifier.store import Store
+from notifier.templates import Rendered, Templates
+
+EMAIL_ONLY = ("subject", "html", "cc", "bcc", "reply_to")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _unique(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _mailboxes(values: Sequence[str], field: str) -> tuple[str, ...]:
+    return _unique([check_mailbox(v, field) for v in values])
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        channels: Collection[str],
+        templates: Templates,
+        sender: str,
+        max_batch: int = 1000,
+    ) -> None:
+        self.store = store
+        self.channels = channels
+        self.templates = templates
+        self.sender = sender
+        self._batcher: Batcher[NewJob, Enqueued] = Batcher(store.enqueue, max_size=max_batch)
+
+    async def submit(self, request: SendRequest) -> Enqueued:
+        """Validate and render ``request``, then return once its job is committed."""
+        return await self._batcher.submit(self.prepare(request))
+
+    async def drain(self) -> None:
+        await self._batcher.drain()
+
+    def prepare(self, request: SendRequest) -> NewJob:
+        if request.channel not in self.channels:
+            known = ", ".join(sorted(self.channels))
+            raise UnknownChannel(f"channel: unknown channel {request.channel!r} (known: {known})")
+        if not request.to:
+            raise InvalidRequest("to: at least one recipient is required")
+        rendered = Rendered()
+        if request.template is not None:
+            rendered = self.templates.render(request.template, request.channel, request.data)
+        job_id = new_job_id()
+        build: Callable[[str, SendRequest, Rendered], Message] = {
+            "email": self._email,
+            "sms": _sms,
+        }.get(request.channel, _other)
+        return NewJob(
+            message=build(job_id, request, rendered),
+            idempotency_key=request.idempotency_key,
+            run_at=request.send_at,
+        )
+
+    def _email(self, job_id: str, request: SendRequest, rendered: Rendered) -> Message:
+        subject = request.subject if request.subject is not None else rendered.subject
+        text = request.text if request.text is not None else rendered.text
+        html = request.html if request.html is not None else rendered.html
+        if not subject:
+            raise InvalidRequest("subject: required for email (give it, or a template that does)")
+        if text is None and html is None:
+            raise InvalidRequest("text: email needs a text or html body")
+        return Message(
+            id=job_id,
+            channel="email",
+            to=_mailboxes(request.to, "to"),
+            subject=check_header_value(subject, "subject"),
+            text=text,
+            html=html,
+            cc=_mailboxes(request.cc, "cc"),
+            bcc=_mailboxes(request.bcc, "bcc"),
+            reply_to=_mailboxes(request.reply_to, "reply_to"),
+            message_id=new_message_id(self.sender),
+        )
+
+
+def _refuse_email_fields(request: SendRequest) -> None:
+    for field in EMAIL_ONLY:
+        if getattr(request, field):
+            raise InvalidRequest(f"{field}: email only, not for channel {request.channel!r}")
+
+
+def _sms(job_id: str, request: SendRequest, rendered: Rendered) -> Message:
+    _refuse_email_fields(request)
+    text = request.text if request.text is not None else rendered.text
+    if not text:
+        raise InvalidRequest("text: required for sms (give it, or a template that does)")
+    numbers = _unique([check_phone(v, "to") for v in request.to])
+    return Message(id=job_id, channel="sms", to=numbers, text=text)
+
+
+def _other(job_id: str, request: SendRequest, rendered: Rendered) -> Message:
+    """A third-party channel gets what was given; it validates what it needs itself."""
+    return Message(
+        id=job_id,
+        channel=request.channel,
+        to=_unique([check_header_value(v, "to") for v in request.to]),
+        subject=request.subject if request.subject is not None else rendered.subject,
+        text=request.text if request.text is not None else rendered.text,
+        html=request.html if request.html is not None else rendered.html,
+        cc=tuple(request.cc),
+        bcc=tuple(request.bcc),
+        reply_to=tuple(request.reply_to),
+        extra={"data": request.data} if request.data else {},
+    )

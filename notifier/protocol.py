@@ -1,0 +1,195 @@
+"""The wire protocol (PROTOCOL.md): request models, field rules and answer encoding.
+
+Parsing is strict and every refusal names the field, because the people reading these
+errors are developers wiring up an app, often from another language.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from email.utils import parseaddr
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownOp
+
+PROTOCOL_VERSION = 1
+OPS = ("send", "status", "cancel", "ping", "auth")
+
+Ref = StrictStr | StrictInt | StrictFloat
+
+
+def _recipient_list(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+Recipients = Annotated[list[str], BeforeValidator(_recipient_list)]
+
+_PHONE = re.compile(r"^\+?[0-9]{5,15}$")
+_PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: str
+    ref: Ref | None = None
+    token: StrictStr | None = None
+
+
+class SendRequest(_Request):
+    op: Literal["send"] = "send"
+    channel: StrictStr
+    to: Recipients
+    subject: StrictStr | None = None
+    text: StrictStr | None = None
+    html: StrictStr | None = None
+    template: StrictStr | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    cc: Recipients = Field(default_factory=list)
+    bcc: Recipients = Field(default_factory=list)
+    reply_to: Recipients = Field(default_factory=list)
+    idempotency_key: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    send_at: datetime | None = None
+
+    @field_validator("send_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must be an RFC 3339 timestamp with an offset, such as ...Z")
+        return value
+
+    @field_validator("channel")
+    @classmethod
+    def _channel_name(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+class JobRequest(_Request):
+    op: Literal["status", "cancel"]
+    id: StrictStr
+
+
+class PingRequest(_Request):
+    op: Literal["ping"]
+
+
+class AuthRequest(_Request):
+    op: Literal["auth"]
+    token: StrictStr
+
+
+Request = SendRequest | JobRequest | PingRequest | AuthRequest
+
+_MODELS: dict[str, type[_Request]] = {
+    "send": SendRequest,
+    "status": JobRequest,
+    "cancel": JobRequest,
+    "ping": PingRequest,
+    "auth": AuthRequest,
+}
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """The JSON object of one request line (without its newline)."""
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidJSON(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON(f"a request must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def extract_ref(data: dict[str, Any]) -> Any:
+    """The ``ref`` to echo, even when the rest of the request is refused."""
+    ref = data.get("ref")
+    return ref if isinstance(ref, (str, int, float)) and not isinstance(ref, bool) else None
+
+
+def parse_request(data: dict[str, Any]) -> Request:
+    op = data.get("op", "send")
+    if not isinstance(op, str):
+        raise InvalidRequest("op: must be a string")
+    model = _MODELS.get(op)
+    if model is None:
+        raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else "request"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{field}: unknown field")
+        elif error["type"] == "missing":
+            parts.append(f"{field}: required")
+        else:
+            parts.append(f"{field}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def check_header_value(value: str, field: str) -> str:
+    """Refuse CR/LF (header injection) in anything that becomes a header."""
+    if "\r" in value or "\n" in value:
+        raise InvalidRequest(f"{field}: must not contain CR or LF")
+    return value
+
+
+def check_mailbox(value: str, field: str) -> str:
+    """An RFC 5322 mailbox, ``addr@example.com`` or ``Name <addr@example.com>``."""
+    check_header_value(value, field)
+    _, address = parseaddr(value)
+    local, at, domain = address.rpartition("@")
+    if not (at and local and domain) or " " in address:
+        raise InvalidRequest(f"{field}: {value!r} is not an email address")
+    return value.strip()
+
+
+def check_phone(value: str, field: str) -> str:
+    """E.164 (``+8613800138000``) or a national number; separators are dropped."""
+    number = _PHONE_SEPARATORS.sub("", value)
+    if not _PHONE.match(number):
+        raise InvalidRequest(f"{field}: {value!r} is not a phone number (E.164 such as +14155550101)")
+    return number
+
+
+def encode(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def ok(ref: Any = None, **fields: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = {"ok": True, **fields}
+    if ref is not None:
+        answer["ref"] = ref
+    return answer
+
+
+def error_answer(error: NotifierError, ref: Any = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"ok": False, "error": {"code": error.code, "message": error.message}}
+    if ref is not None:
+        answer["ref"] = ref
+    return answer

@@ -1,0 +1,32 @@
+"""Job stores: one interface, a backend per URL scheme, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from notifier.store.base import Store, StoreLocked, StoreUnavailable
+
+if TYPE_CHECKING:
+    from notifier.settings import Settings
+
+__all__ = ["BACKENDS", "Store", "StoreLocked", "StoreUnavailable", "open_store"]
+
+BACKENDS: dict[str, str] = {
+    "sqlite": "notifier.store.sqlite:SQLiteStore",
+    "postgresql": "notifier.store.postgres:PostgresStore",
+    "postgres": "notifier.store.postgres:PostgresStore",
+}
+
+
+def open_store(url: str, settings: Settings | None = None) -> Store:
+    """The (not yet opened) store for ``url``; the backend class takes ``(url, settings)``."""
+    scheme = urlsplit(url).scheme.split("+", 1)[0]
+    target = BACKENDS.get(scheme)
+    if target is None:
+        known = ", ".join(sorted(BACKENDS))
+        raise ValueError(f"NOTIFIER_DATABASE_URL: unknown scheme {scheme!r} (known: {known})")
+    module_name, _, class_name = target.partition(":")
+    backend: type[Store] = getattr(importlib.import_module(module_name), class_name)
+    return backend(url, settings)  # type: ignore[call-arg]

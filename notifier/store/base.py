@@ -1,0 +1,101 @@
+"""The store interface: small verbs that every backend implements with the same guarantees.
+
+A job moves ``queued``/``retrying`` -> ``sending`` (claimed under a lease by one owner) ->
+``delivered`` | ``retrying`` | ``failed``; ``cancelled`` from any state that is not final.
+Verbs that change jobs in flight name their ``owner``, and touch only the rows that owner
+still holds, so an instance whose lease was taken over can never record twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or refused the operation; intake answers ``unavailable``."""
+
+
+class StoreLocked(StoreUnavailable):
+    """Another process already owns this embedded store."""
+
+
+class Store(ABC):
+    """A durable job queue.
+
+    Listeners registered with ``on_work`` are called (synchronously, cheaply) whenever new
+    work may be due, so idle dispatchers wake at once instead of on their next poll.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_work(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _notify_work(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, create or migrate the schema, and take ownership where the backend needs it."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return if the store answers; raise StoreUnavailable otherwise."""
+
+    @abstractmethod
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        """Store the jobs in one transaction, committed before this returns.
+
+        A job whose idempotency key is already stored (or appears earlier in ``jobs``) is not
+        stored again: its answer carries the first job's id with ``duplicate=True``.
+        """
+
+    @abstractmethod
+    async def claim(
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+    ) -> list[Job]:
+        """Take up to ``limit`` due jobs of ``channel``: status ``sending``, attempts + 1."""
+
+    @abstractmethod
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Save the outcomes in one transaction; each is applied only if ``owner`` still holds
+        the job. Returns, per outcome, whether it was applied."""
+
+    @abstractmethod
+    async def extend_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> None:
+        """Keep slow deliveries from being taken over while the owner is alive."""
+
+    @abstractmethod
+    async def release(self, owner: str, job_ids: Sequence[str]) -> None:
+        """Give jobs back to the queue, due now (shutdown cut their delivery short)."""
+
+    @abstractmethod
+    async def recover(self, *, owner: str) -> int:
+        """Requeue work that no live owner holds (leases run out, or a dead predecessor's).
+
+        Returns how many jobs went back to the queue.
+        """
+
+    @abstractmethod
+    async def get(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    async def cancel(self, job_id: str) -> Job | None:
+        """Cancel the job unless it is final already; return it as it now stands."""
+
+    @abstractmethod
+    async def next_due(self, channel: str) -> datetime | None:
+        """When the earliest waiting job of ``channel`` becomes due, or None if none waits."""
+
+    @abstractmethod
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Queue depth, for metrics and readiness."""

@@ -24,13 +24,19 @@ class Batcher(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> R:
-        """Wait until ``item`` is part of a flushed batch; its result, or the batch's error."""
+    def put(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future resolves once it is part of a flushed batch.
+
+        Cancelling the future does not take the item back: it is flushed all the same.
+        """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="batcher-flush")
-        return await asyncio.shield(future)
+        return future
+
+    async def submit(self, item: T) -> R:
+        return await asyncio.shield(self.put(item))
 
     async def _run(self) -> None:
         try:

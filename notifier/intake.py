@@ -7,6 +7,7 @@ accepted together are committed together (group commit, see ``batching``).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Collection, Sequence
 
@@ -49,9 +50,10 @@ class Intake:
         self.sender = sender
         self._batcher: Batcher[NewJob, Enqueued] = Batcher(store.enqueue, max_size=max_batch)
 
-    async def submit(self, request: SendRequest) -> Enqueued:
-        """Validate and render ``request``, then return once its job is committed."""
-        return await self._batcher.submit(self.prepare(request))
+    def put(self, request: SendRequest) -> asyncio.Future[Enqueued]:
+        """Validate and render ``request`` now (raising NotifierError); the future resolves
+        once its job is committed."""
+        return self._batcher.put(self.prepare(request))
 
     async def drain(self) -> None:
         await self._batcher.drain()

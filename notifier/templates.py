@@ -34,6 +34,10 @@ class Templates:
             keep_trailing_newline=False,
         )
 
+    def reload(self) -> None:
+        """Forget compiled templates (SIGHUP); changed files are also picked up on their own."""
+        self._env.cache = None if self._env.cache is None else type(self._env.cache)(400)
+
     def render(self, name: str, channel: str, data: dict[str, Any]) -> Rendered:
         filename = f"{name}.{channel}.j2"
         try:

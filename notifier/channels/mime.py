@@ -1,22 +1,41 @@
 """Building the RFC 5322 message of an email job, shared by the SMTP channel and the outbox.
 
-Built with ``email.message.EmailMessage`` and the SMTPUTF8-free default policy, so UTF-8
-subjects and display names are encoded words and arrive intact everywhere. ``bcc`` is never
-a header: those addresses are only envelope recipients.
+The message uses a 7-bit SMTP policy: CRLF line ends, UTF-8 subjects and display names as
+RFC 2047 encoded words, non-ASCII bodies in base64 or quoted-printable. So ``bytes(mail)``
+is exactly what the SMTP channel sends as DATA, whatever extensions the server offers,
+and the outbox ``.eml`` file holds those same bytes. ``bcc`` is never a header: those
+addresses are only envelope recipients.
+
+Header fields are checked once more for CR/LF here (intake refuses them already), so a
+message stored by an older version or a bug elsewhere cannot inject a header.
 """
 
 from __future__ import annotations
 
+import email.policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
 
 from notifier.models import Message
 
+#: 7-bit clean, CRLF: the bytes do not depend on the server's 8BITMIME support.
+POLICY = email.policy.SMTP.clone(cte_type="7bit")
+
+
+class HeaderInjection(ValueError):
+    """A header value carries a CR or LF and would smuggle in another header."""
+
+
+def _one_line(value: str, field: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise HeaderInjection(f"{field}: must not contain CR or LF")
+    return value
+
 
 def parse_mailbox(value: str) -> Address:
     """``Name <addr>`` or ``addr`` as an Address (the intake already validated it)."""
-    ((name, addr),) = getaddresses([value])
+    ((name, addr),) = getaddresses([_one_line(value, "address")])
     return Address(display_name=name, addr_spec=addr)
 
 
@@ -27,23 +46,35 @@ def new_message_id(sender: str) -> str:
 
 
 def build_email(message: Message, sender: str) -> EmailMessage:
-    mail = EmailMessage()
+    """The message as sent; ``bytes()`` of it is the DATA payload (see the module doc)."""
+    mail = EmailMessage(policy=POLICY)
     mail["From"] = parse_mailbox(sender)
     mail["To"] = [parse_mailbox(a) for a in message.to]
     if message.cc:
         mail["Cc"] = [parse_mailbox(a) for a in message.cc]
     if message.reply_to:
         mail["Reply-To"] = [parse_mailbox(a) for a in message.reply_to]
-    mail["Subject"] = message.subject or ""
+    mail["Subject"] = _one_line(message.subject or "", "subject")
     mail["Date"] = formatdate(localtime=False, usegmt=True)
-    mail["Message-ID"] = message.message_id or new_message_id(sender)
+    mail["Message-ID"] = _one_line(message.message_id or new_message_id(sender), "message_id")
     mail.set_content(message.text or "")
     if message.html is not None:
         mail.add_alternative(message.html, subtype="html")
     return mail
 
 
+def envelope(message: Message) -> dict[str, str]:
+    """Envelope address -> the recipient as the job names it, bcc included, each once.
+
+    The job's own spelling (``"张三 <z@example.com>"``) is what per-recipient results are
+    keyed by, so a retry can leave out the recipients already served.
+    """
+    recipients: dict[str, str] = {}
+    for value in (*message.to, *message.cc, *message.bcc):
+        recipients.setdefault(parse_mailbox(value).addr_spec, value)
+    return recipients
+
+
 def envelope_recipients(message: Message) -> list[str]:
     """Every address the message goes to, bcc included, each once."""
-    addresses = (parse_mailbox(a).addr_spec for a in (*message.to, *message.cc, *message.bcc))
-    return list(dict.fromkeys(addresses))
+    return list(envelope(message))

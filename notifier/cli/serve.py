@@ -1,0 +1,42 @@
+"""``notifier serve``: run the service on the settings from the environment and ``.env``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from notifier.settings import SettingsError, load_settings
+from notifier.store import StoreUnavailable
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the service",
+        description="Run notifier: listen for jobs, store them and deliver them. Configured by"
+        " NOTIFIER_* environment variables or a .env file (see .env.example).",
+    )
+    parser.set_defaults(handler=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from notifier.service import Service
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"notifier: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(Service(settings).serve())
+    except (StoreUnavailable, OSError) as exc:
+        print(f"notifier: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,236 @@
+"""Claim due jobs, hand them to their channel, record what happened.
+
+Like arq's worker: one loop per channel claims as many jobs as it has free slots (its
+concurrency), each delivery runs under a timeout, outcomes are recorded in batches under
+``asyncio.shield`` so cancellation cannot lose them, and at shutdown the deliveries that do
+not finish within the grace period are cancelled and released back to the queue.
+
+The only question asked of a failure is ``DeliveryError.transient``; the channel decided it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import tenacity
+
+from notifier.batching import Batcher
+from notifier.channels.base import Channel
+from notifier.errors import DeliveryError, DeliveryTimeout, TransientDeliveryError
+from notifier.models import Job, JobStatus, Outcome, Receipt, utcnow
+from notifier.settings import Settings
+from notifier.store import Store, StoreUnavailable
+
+log = logging.getLogger("notifier.dispatcher")
+
+
+class Backoff:
+    """Exponential backoff with jitter (tenacity's wait strategies), capped, except that a
+    provider's Retry-After is honoured even when it is longer than the cap."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.cap = cap
+        self._wait = tenacity.wait_exponential(multiplier=base, max=cap) + tenacity.wait_random(
+            0, base
+        )
+        self._retrying = tenacity.AsyncRetrying()
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        state = tenacity.RetryCallState(self._retrying, None, (), {})
+        state.attempt_number = attempt
+        return max(min(self._wait(state), self.cap), retry_after or 0.0)
+
+
+@dataclass
+class _Lane:
+    """One channel's loop state: its concurrency and the deliveries in flight."""
+
+    name: str
+    channel: Channel
+    concurrency: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        settings: Settings,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.owner = owner or f"notifier-{uuid.uuid4().hex[:12]}"
+        self.backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
+        self._lanes = [
+            _Lane(name, channel, settings.concurrency_for(name)) for name, channel in channels.items()
+        ]
+        self._recorder: Batcher[Outcome, bool] = Batcher(self._record)
+        self._stopping = asyncio.Event()
+        store.on_work(self.wake)
+
+    def wake(self) -> None:
+        for lane in self._lanes:
+            lane.wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(lane.in_flight) for lane in self._lanes)
+
+    async def run(self) -> None:
+        """Deliver until ``stop`` is called."""
+        await self.store.recover(owner=self.owner)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._keep_leases(), name="dispatcher-leases")
+            for lane in self._lanes:
+                group.create_task(self._run_lane(lane, burst=False), name=f"lane-{lane.name}")
+
+    async def run_burst(self) -> None:
+        """Deliver everything due now (and retries that fall due meanwhile), then return."""
+        async with asyncio.TaskGroup() as group:
+            for lane in self._lanes:
+                group.create_task(self._run_lane(lane, burst=True))
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let deliveries finish within ``grace`` seconds, release the rest."""
+        self._stopping.set()
+        self.wake()
+        tasks = [task for lane in self._lanes for task in lane.in_flight.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                log.warning("shutdown: releasing %d deliveries still in flight", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+        await self._recorder.drain()
+
+    async def _run_lane(self, lane: _Lane, *, burst: bool) -> None:
+        while not self._stopping.is_set():
+            lane.wake.clear()
+            free = lane.concurrency - len(lane.in_flight)
+            claimed = await self._claim(lane, free) if free > 0 else 0
+            if claimed and claimed == free:
+                continue
+            if burst and not lane.in_flight and not claimed:
+                return
+            await self._idle(lane, burst=burst)
+
+    async def _claim(self, lane: _Lane, limit: int) -> int:
+        try:
+            jobs = await self.store.claim(
+                lane.name, owner=self.owner, limit=limit, lease_seconds=self.settings.lease_seconds
+            )
+        except StoreUnavailable as exc:
+            log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            return 0
+        for job in jobs:
+            task = asyncio.create_task(self._deliver(lane, job), name=f"deliver-{job.id}")
+            lane.in_flight[job.id] = task
+        return len(jobs)
+
+    async def _idle(self, lane: _Lane, *, burst: bool) -> None:
+        """Sleep until woken (new work, a free slot, stop) or the next job falls due."""
+        timeout = self.settings.poll_interval
+        if burst and not lane.in_flight:
+            due = await self.store.next_due(lane.name)
+            if due is None:
+                return
+            timeout = max(0.0, (due - utcnow()).total_seconds())
+        try:
+            await asyncio.wait_for(lane.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _deliver(self, lane: _Lane, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            outcome = await self._attempt(lane.channel, job)
+        except BaseException:
+            await asyncio.shield(self._release(job))
+            raise
+        finally:
+            lane.in_flight.pop(job.id, None)
+            lane.wake.set()
+        await asyncio.shield(self._recorder.submit(outcome))
+        log.info(
+            "job %s %s via %s/%s attempt %d in %.3fs%s",
+            job.id, outcome.status.value, lane.name, lane.channel.provider, job.attempts,
+            time.monotonic() - started, f": {outcome.last_error}" if outcome.last_error else "",
+        )
+
+    async def _attempt(self, channel: Channel, job: Job) -> Outcome:
+        delivered: dict[str, Any] = dict(job.results.get("delivered", {}))
+        try:
+            async with asyncio.timeout(self.settings.delivery_timeout):
+                receipt = await channel.send(job.pending_message())
+        except TimeoutError:
+            error: DeliveryError = DeliveryTimeout(
+                f"no answer within {self.settings.delivery_timeout:g}s"
+            )
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("job %s: channel %s raised unexpectedly", job.id, job.channel)
+            error = TransientDeliveryError(f"internal error in channel: {exc!r}")
+        else:
+            return self._delivered(job, receipt, delivered)
+        delivered.update(error.delivered)
+        results = {**job.results, "delivered": delivered} if delivered else job.results
+        if error.transient and job.attempts < self.settings.retry_max_attempts:
+            wait = self.backoff.delay(job.attempts, error.retry_after)
+            return Outcome(
+                job.id, JobStatus.RETRYING, last_error=error.message,
+                run_at=utcnow() + timedelta(seconds=wait), results=results,
+            )
+        if error.transient:
+            reason = f"gave up after {job.attempts} attempts: {error.message}"
+        else:
+            reason = error.message
+        return Outcome(job.id, JobStatus.FAILED, last_error=reason, results=results)
+
+    @staticmethod
+    def _delivered(job: Job, receipt: Receipt, delivered: dict[str, Any]) -> Outcome:
+        delivered.update(receipt.provider_ids)
+        results: dict[str, Any] = {**job.results, "delivered": delivered}
+        if receipt.provider_message_id is not None:
+            results["provider_message_id"] = receipt.provider_message_id
+        return Outcome(job.id, JobStatus.DELIVERED, results=results)
+
+    async def _record(self, outcomes: list[Outcome]) -> list[bool]:
+        applied = await self.store.record(self.owner, outcomes)
+        for outcome, ok in zip(outcomes, applied, strict=True):
+            if not ok:
+                log.warning("job %s: outcome not recorded, the job was cancelled or taken over",
+                            outcome.job_id)
+        return applied
+
+    async def _release(self, job: Job) -> None:
+        try:
+            await self.store.release(self.owner, [job.id])
+        except StoreUnavailable as exc:
+            log.warning("job %s: could not release (%s); recovered at next start", job.id, exc)
+
+    async def _keep_leases(self) -> None:
+        """Extend the leases of slow deliveries so no other instance takes them over."""
+        interval = self.settings.lease_seconds / 3
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            except TimeoutError:
+                ids = [job_id for lane in self._lanes for job_id in lane.in_flight]
+                if ids:
+                    try:
+                        await self.store.extend_leases(self.owner, ids, self.settings.lease_seconds)
+                    except StoreUnavailable as exc:
+                        log.warning("extending leases: store unavailable: %s", exc)

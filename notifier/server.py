@@ -1,0 +1,319 @@
+"""The TCP listener: JSON lines in, one answer line per request, in order.
+
+Each connection has a reader (this coroutine's loop) and an answer writer. The reader
+handles what it can at once (ping, auth, refusals) and turns sends into futures of the
+group-commit batch, so a pipelining client gets its jobs committed together and its answers
+in order. A bounded queue between the two is the backpressure: a client that does not read
+its answers stops being read.
+
+Lines are read with a limit: an over-long line is answered ``line_too_long`` and skipped
+without ever being held whole in memory. Bad input is answered, never fatal: no request can
+close its connection or touch another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from notifier.errors import (
+    InternalError,
+    LineTooLong,
+    NotFound,
+    NotifierError,
+    Unauthorized,
+    Unavailable,
+)
+from notifier.intake import Intake
+from notifier.models import Enqueued, Job
+from notifier.protocol import (
+    AuthRequest,
+    JobRequest,
+    PingRequest,
+    Request,
+    SendRequest,
+    decode_line,
+    encode,
+    error_answer,
+    extract_ref,
+    ok,
+    parse_request,
+)
+from notifier.settings import Settings
+from notifier.store import Store, StoreUnavailable
+
+log = logging.getLogger("notifier.server")
+
+#: An answer ready now, or a future of a result and how to turn it into an answer.
+Pending = tuple[asyncio.Future[Any], Callable[[Any], dict[str, Any]], Any]
+Answer = dict[str, Any] | Pending
+
+_TOO_LONG = object()
+
+
+@dataclass(eq=False)
+class _Connection:
+    peer: str
+    authenticated: bool
+    answers: asyncio.Queue[Answer | None]
+    task: asyncio.Task[Any] | None = None
+    waiting: bool = False
+    last_active: float = field(default_factory=time.monotonic)
+    close_reason: str | None = None
+
+
+def _job_answer(job: Job | None, ref: Any) -> dict[str, Any]:
+    if job is None:
+        raise NotFound("id: no such job")
+    return ok(ref, **job.to_status())
+
+
+class Server:
+    def __init__(self, settings: Settings, *, intake: Intake, store: Store) -> None:
+        self.settings = settings
+        self.intake = intake
+        self.store = store
+        self._tokens = [t.get_secret_value().encode() for t in settings.auth_tokens]
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve_connection,
+            self.settings.host,
+            self.settings.port,
+            ssl=self._ssl_context(),
+            limit=self.settings.max_line_bytes + 2,
+        )
+        self._sweeper = asyncio.create_task(self._close_idle(), name="server-idle-sweeper")
+        log.info(
+            "listening on %s:%d%s", self.settings.host, self.port,
+            " (TLS)" if self.settings.tls_enabled else "",
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.settings.tls_enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
+        return context
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; answer every line already read, then close the connections."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self._connections):
+            self._interrupt(connection, "shutting down")
+        tasks = [c.task for c in self._connections if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _interrupt(self, connection: _Connection, reason: str) -> None:
+        """End a connection that is waiting for its next line (never one mid-request)."""
+        connection.close_reason = reason
+        if connection.waiting and connection.task is not None:
+            connection.task.cancel()
+
+    async def _close_idle(self) -> None:
+        timeout = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            for connection in list(self._connections):
+                if connection.answers.empty() and now - connection.last_active > timeout:
+                    self._interrupt(connection, f"idle for more than {timeout:g}s")
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        if self._closing or len(self._connections) >= self.settings.max_connections:
+            reason = "shutting down" if self._closing else (
+                f"too many connections (limit {self.settings.max_connections})")
+            writer.write(encode(error_answer(Unavailable(reason))))
+            await self._close_writer(writer)
+            return
+        connection = _Connection(
+            peer=peer,
+            authenticated=not self._tokens,
+            answers=asyncio.Queue(self.settings.max_pipeline),
+            task=asyncio.current_task(),
+        )
+        self._connections.add(connection)
+        answering = asyncio.create_task(self._write_answers(connection, writer))
+        try:
+            await self._read_requests(connection, reader)
+        except asyncio.CancelledError:
+            if connection.close_reason is None:
+                raise
+        except ConnectionError:
+            pass
+        finally:
+            self._connections.discard(connection)
+            await self._finish(connection, answering, writer)
+
+    async def _finish(
+        self, connection: _Connection, answering: asyncio.Task[None], writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await connection.answers.put(None)
+            await answering
+            if connection.close_reason is not None:
+                writer.write(encode(error_answer(Unavailable(connection.close_reason))))
+        except (ConnectionError, asyncio.CancelledError):
+            answering.cancel()
+        await self._close_writer(writer)
+
+    @staticmethod
+    async def _close_writer(writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.close()
+            await writer.wait_closed()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+    async def _read_requests(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
+        while not self._closing and connection.close_reason is None:
+            connection.waiting = True
+            try:
+                line = await self._read_line(reader)
+            finally:
+                connection.waiting = False
+            if line is None:
+                return
+            connection.last_active = time.monotonic()
+            if line is _TOO_LONG:
+                answer: Answer = error_answer(LineTooLong(
+                    f"line longer than {self.settings.max_line_bytes} bytes; it was skipped"))
+            else:
+                assert isinstance(line, bytes)
+                if not line.strip():
+                    continue
+                answer = self._answer(connection, line)
+            await connection.answers.put(answer)
+
+    async def _read_line(self, reader: asyncio.StreamReader) -> bytes | object | None:
+        """The next line without its ending; ``_TOO_LONG`` for a skipped line; None at EOF."""
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial or None
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+            await self._skip_rest_of_line(reader)
+            return _TOO_LONG
+        line = line.rstrip(b"\n").removesuffix(b"\r")
+        return _TOO_LONG if len(line) > self.settings.max_line_bytes else line
+
+    @staticmethod
+    async def _skip_rest_of_line(reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+
+    def _answer(self, connection: _Connection, line: bytes) -> Answer:
+        ref = None
+        try:
+            data = decode_line(line)
+            ref = extract_ref(data)
+            request = parse_request(data)
+            self._authorize(connection, request)
+            return self._dispatch(request, ref)
+        except NotifierError as exc:
+            return error_answer(exc, ref)
+        except Exception:
+            log.exception("request from %s failed", connection.peer)
+            return error_answer(InternalError("internal error; see the server log"), ref)
+
+    def _authorize(self, connection: _Connection, request: Request) -> None:
+        if connection.authenticated or isinstance(request, PingRequest):
+            return
+        if request.token is not None and self._token_ok(request.token):
+            connection.authenticated = True
+            return
+        if isinstance(request, AuthRequest):
+            raise Unauthorized("token: not valid")
+        raise Unauthorized("authenticate first: send {\"op\": \"auth\", \"token\": ...}")
+
+    def _token_ok(self, token: str) -> bool:
+        given = token.encode()
+        matches = [hmac.compare_digest(given, known) for known in self._tokens]
+        return any(matches)
+
+    def _dispatch(self, request: Request, ref: Any) -> Answer:
+        if self._closing:
+            raise Unavailable("shutting down; try another instance or again shortly")
+        if isinstance(request, SendRequest):
+            return (self.intake.put(request), lambda done: _sent(done, ref), ref)
+        if isinstance(request, JobRequest):
+            lookup = self.store.get if request.op == "status" else self.store.cancel
+            future = asyncio.ensure_future(lookup(request.id))
+            return (future, lambda job: _job_answer(job, ref), ref)
+        return ok(ref)
+
+    async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
+        """Write answers in order; once the peer is gone, keep consuming so the reader never
+        blocks on a full queue (the sends behind those answers are committed all the same)."""
+        queue = connection.answers
+        connected = True
+        while (item := await queue.get()) is not None:
+            answer = await _resolve(item) if isinstance(item, tuple) else item
+            if not connected:
+                continue
+            try:
+                writer.write(encode(answer))
+                if queue.empty():
+                    await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                connected = False
+            connection.last_active = time.monotonic()
+
+
+def _sent(done: Enqueued, ref: Any) -> dict[str, Any]:
+    answer = ok(ref, id=done.id, status="queued")
+    if done.duplicate:
+        answer["duplicate"] = True
+    return answer
+
+
+async def _resolve(pending: Pending) -> dict[str, Any]:
+    future, finish, ref = pending
+    try:
+        return finish(await future)
+    except NotifierError as exc:
+        return error_answer(exc, ref)
+    except StoreUnavailable as exc:
+        return error_answer(Unavailable(f"store unavailable: {exc}"), ref)
+    except Exception:
+        log.exception("request failed")
+        return error_answer(InternalError("internal error; see the server log"), ref)

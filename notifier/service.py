@@ -1,0 +1,94 @@
+"""The running service: store, channels, intake, dispatcher and listener, started and
+stopped in order (uvicorn's explicit lifecycle).
+
+Start: open the store (taking back work a killed predecessor left in flight), build the
+channels once, then listen. Stop: stop accepting and answer what was read, commit what was
+accepted, let deliveries finish within the grace period and release the rest, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from notifier.channels import Channel, load_channels
+from notifier.dispatcher import Dispatcher
+from notifier.intake import Intake
+from notifier.server import Server
+from notifier.settings import Settings
+from notifier.store import Store, open_store
+from notifier.templates import Templates
+
+log = logging.getLogger("notifier")
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: Store = open_store(settings.database_url, settings)
+        self.templates = Templates(settings.templates_dir)
+        self.channels: dict[str, Channel] = {}
+        self._dispatching: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.channels = load_channels(self.settings)
+        for name, channel in self.channels.items():
+            if channel.simulated:
+                log.warning(
+                    "channel %s is NOT SENDING: messages go to the outbox in %s (configure %s)",
+                    name, self.settings.outbox_dir.resolve(),
+                    "NOTIFIER_SMTP_HOST" if name == "email" else "NOTIFIER_SMS_PROVIDER",
+                )
+        self.intake = Intake(
+            self.store,
+            channels=self.channels.keys(),
+            templates=self.templates,
+            sender=self.settings.smtp_from,
+        )
+        self.dispatcher = Dispatcher(self.store, self.channels, self.settings)
+        self.server = Server(self.settings, intake=self.intake, store=self.store)
+        self._dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
+        await self.server.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self) -> None:
+        grace = self.settings.shutdown_grace
+        await self.server.stop(grace)
+        await self.intake.drain()
+        await self.dispatcher.stop(grace)
+        if self._dispatching is not None:
+            await self._dispatching
+        for channel in self.channels.values():
+            await channel.aclose()
+        await self.store.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT (a second one exits at once), then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self.templates.reload)
+        await self._stop_requested.wait()
+        await self.stop()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop_requested.is_set():
+            log.warning("%s again: exiting now", sig.name)
+            raise SystemExit(1)
+        log.info("%s: shutting down (send it again to exit at once)", sig.name)
+        self._stop_requested.set()

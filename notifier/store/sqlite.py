@@ -1,0 +1,314 @@
+"""The embedded store: one SQLite file, owned by one process at a time.
+
+WAL with ``synchronous=FULL``: a commit is on disk before ``enqueue`` returns, and group
+commit (``notifier.batching``) keeps that to one fsync per batch. The process holds an
+exclusive lock on ``<file>.lock`` while it runs, so at start every job still ``sending`` is
+known to belong to a dead predecessor and goes back to the queue at once, not after a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import aiosqlite
+
+from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome
+from notifier.settings import Settings
+from notifier.store.base import Store, StoreLocked, StoreUnavailable
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    results TEXT,
+    idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    run_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at)
+    WHERE status IN ('queued', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'sending';
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at)
+    WHERE status IN ('delivered', 'failed', 'cancelled');
+"""
+
+COLUMNS = (
+    "id, channel, status, message, attempts, last_error, results, idempotency_key, "
+    "created_at, updated_at, run_at"
+)
+WAITING = "status IN ('queued', 'retrying')"
+FINAL = "status IN ('delivered', 'failed', 'cancelled')"
+
+
+def database_path(url: str) -> Path:
+    """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db``."""
+    path = urlsplit(url).path.removeprefix("/")
+    if not path or path == ":memory:":
+        raise ValueError("NOTIFIER_DATABASE_URL: SQLite needs a file, e.g. sqlite:///./notifier.db")
+    return Path(path)
+
+
+def _moment(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
+    (job_id, channel, status, message, attempts, last_error, results, key, created, updated,
+     run_at) = tuple(row)
+    return Job(
+        id=job_id,
+        channel=channel,
+        status=JobStatus(status),
+        message=Message.from_dict(job_id, channel, json.loads(message)),
+        attempts=attempts,
+        last_error=last_error,
+        results=json.loads(results) if results else {},
+        idempotency_key=key,
+        created_at=_moment(created),
+        updated_at=_moment(updated),
+        run_at=_moment(run_at),
+    )
+
+
+class SQLiteStore(Store):
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        super().__init__()
+        self.path = database_path(url)
+        self._db: aiosqlite.Connection | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._mutex = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_ownership()
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
+                await self._db.execute(f"PRAGMA {pragma}")
+            await self._db.executescript(SCHEMA)
+            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+
+    def _take_ownership(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = open(lock_path, "wb")  # noqa: SIM115 - held open for the store's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreLocked(
+                f"{self.path} is in use by another notifier process; SQLite serves one process,"
+                " use PostgreSQL (NOTIFIER_DATABASE_URL=postgresql://...) to run several"
+            ) from None
+        self._lock_file = handle
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable("the store is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One writer at a time on the shared connection; BEGIN IMMEDIATE ... COMMIT."""
+        async with self._mutex:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._mutex:
+            try:
+                return list(await self.db.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._query("SELECT 1")
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        now = time.time()
+        keys = [job.idempotency_key for job in jobs if job.idempotency_key is not None]
+        async with self._transaction() as db:
+            known = await self._ids_for_keys(db, keys)
+            answers: list[Enqueued] = []
+            rows = []
+            for job in jobs:
+                key = job.idempotency_key
+                if key is not None and key in known:
+                    answers.append(Enqueued(known[key], duplicate=True))
+                    continue
+                message = job.message
+                if key is not None:
+                    known[key] = message.id
+                run_at = job.run_at.timestamp() if job.run_at else now
+                rows.append((message.id, message.channel, json.dumps(message.to_dict()), key,
+                             now, now, run_at))
+                answers.append(Enqueued(message.id))
+            await db.executemany(
+                "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
+                " updated_at, run_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                rows,
+            )
+        if rows:
+            self._notify_work()
+        return answers
+
+    @staticmethod
+    async def _ids_for_keys(db: aiosqlite.Connection, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        rows = await db.execute_fetchall(
+            "SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN"
+            " (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        )
+        return {key: job_id for key, job_id in rows}
+
+    async def claim(
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+    ) -> list[Job]:
+        now = time.time()
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                f"UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?,"
+                f" lease_until = ?, updated_at = ? WHERE id IN (SELECT id FROM jobs"
+                f" WHERE channel = ? AND {WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
+                f" RETURNING {COLUMNS}",
+                (owner, now + lease_seconds, now, channel, now, limit),
+            )
+        return sorted((_row_to_job(row) for row in rows), key=lambda job: job.run_at)
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        now = time.time()
+        payload = json.dumps([
+            {
+                "id": o.job_id,
+                "status": o.status.value,
+                "last_error": o.last_error,
+                "run_at": o.run_at.timestamp() if o.run_at else None,
+                "results": json.dumps(o.results) if o.results else None,
+            }
+            for o in outcomes
+        ])
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "UPDATE jobs SET status = o.status, last_error = o.last_error,"
+                " run_at = coalesce(o.run_at, jobs.run_at),"
+                " results = coalesce(o.results, jobs.results), updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL"
+                " FROM (SELECT json_extract(value, '$.id') AS id,"
+                " json_extract(value, '$.status') AS status,"
+                " json_extract(value, '$.last_error') AS last_error,"
+                " json_extract(value, '$.run_at') AS run_at,"
+                " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
+                " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
+                " RETURNING jobs.id",
+                (now, payload, owner),
+            )
+        applied = {row[0] for row in rows}
+        if any(o.status is JobStatus.RETRYING for o in outcomes):
+            self._notify_work()
+        return [o.job_id in applied for o in outcomes]
+
+    async def extend_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE status = 'sending' AND lease_owner = ?"
+                " AND id IN (SELECT value FROM json_each(?))",
+                (time.time() + lease_seconds, owner, json.dumps(list(job_ids))),
+            )
+
+    async def release(self, owner: str, job_ids: Sequence[str]) -> None:
+        await self._requeue(
+            "lease_owner = ? AND id IN (SELECT value FROM json_each(?))",
+            (owner, json.dumps(list(job_ids))),
+            reason="delivery interrupted by shutdown; it will be tried again",
+        )
+
+    async def recover(self, *, owner: str) -> int:
+        # The file lock proves every other owner is gone; our own leases can only have run out.
+        return await self._requeue(
+            "(lease_owner IS NOT ? OR lease_until < ?)",
+            (owner, time.time()),
+            reason="delivery interrupted: the process stopped during it; it will be tried again",
+        )
+
+    async def _requeue(self, where: str, params: tuple[Any, ...], *, reason: str) -> int:
+        now = time.time()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET status = 'retrying', run_at = ?, updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL, last_error = ?"
+                f" WHERE status = 'sending' AND {where}",
+                (now, now, reason, *params),
+            )
+            count = cursor.rowcount
+        if count:
+            self._notify_work()
+        return count
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self._query(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _row_to_job(rows[0]) if rows else None
+
+    async def cancel(self, job_id: str) -> Job | None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE jobs SET status = 'cancelled', updated_at = ?, lease_owner = NULL,"
+                f" lease_until = NULL WHERE id = ? AND NOT {FINAL}",
+                (time.time(), job_id),
+            )
+            rows = await db.execute_fetchall(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _row_to_job(next(iter(rows))) if rows else None
+
+    async def next_due(self, channel: str) -> datetime | None:
+        rows = await self._query(
+            f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {WAITING}", (channel,)
+        )
+        value = rows[0][0] if rows else None
+        return _moment(value) if value is not None else None
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        rows = await self._query("SELECT status, count(*) FROM jobs GROUP BY status")
+        counts = dict.fromkeys(JobStatus, 0)
+        counts.update({JobStatus(status): count for status, count in rows})
+        return counts
+

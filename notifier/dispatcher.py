@@ -11,10 +11,11 @@ The only question asked of a failure is ``DeliveryError.transient``; the channel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -73,10 +74,13 @@ class Dispatcher:
         self.owner = owner or f"notifier-{uuid.uuid4().hex[:12]}"
         self.backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
         self._lanes = [
-            _Lane(name, channel, settings.concurrency_for(name)) for name, channel in channels.items()
+            _Lane(name, channel, settings.concurrency_for(name))
+            for name, channel in channels.items()
         ]
         self._recorder: Batcher[Outcome, bool] = Batcher(self._record)
         self._stopping = asyncio.Event()
+        self._lanes_stopped = asyncio.Event()
+        self._lanes_stopped.set()
         store.on_work(self.wake)
 
     def wake(self) -> None:
@@ -90,21 +94,26 @@ class Dispatcher:
     async def run(self) -> None:
         """Deliver until ``stop`` is called."""
         await self.store.recover(owner=self.owner)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._keep_leases(), name="dispatcher-leases")
-            for lane in self._lanes:
-                group.create_task(self._run_lane(lane, burst=False), name=f"lane-{lane.name}")
+        await self._run_lanes(burst=False, keep_leases=True)
 
     async def run_burst(self) -> None:
         """Deliver everything due now (and retries that fall due meanwhile), then return."""
+        await self._run_lanes(burst=True, keep_leases=False)
+
+    async def _run_lanes(self, *, burst: bool, keep_leases: bool) -> None:
+        self._lanes_stopped.clear()
         async with asyncio.TaskGroup() as group:
+            if keep_leases:
+                group.create_task(self._keep_leases(), name="dispatcher-leases")
             for lane in self._lanes:
-                group.create_task(self._run_lane(lane, burst=True))
+                group.create_task(self._run_lane(lane, burst=burst), name=f"lane-{lane.name}")
+        self._lanes_stopped.set()
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; let deliveries finish within ``grace`` seconds, release the rest."""
         self._stopping.set()
         self.wake()
+        await self._lanes_stopped.wait()
         tasks = [task for lane in self._lanes for task in lane.in_flight.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -122,9 +131,14 @@ class Dispatcher:
             claimed = await self._claim(lane, free) if free > 0 else 0
             if claimed and claimed == free:
                 continue
+            timeout = self.settings.poll_interval
             if burst and not lane.in_flight and not claimed:
-                return
-            await self._idle(lane, burst=burst)
+                due = await self.store.next_due(lane.name)
+                if due is None or (due - utcnow()).total_seconds() > timeout:
+                    return
+                timeout = max(0.0, (due - utcnow()).total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wake.wait(), timeout)
 
     async def _claim(self, lane: _Lane, limit: int) -> int:
         try:
@@ -139,19 +153,6 @@ class Dispatcher:
             lane.in_flight[job.id] = task
         return len(jobs)
 
-    async def _idle(self, lane: _Lane, *, burst: bool) -> None:
-        """Sleep until woken (new work, a free slot, stop) or the next job falls due."""
-        timeout = self.settings.poll_interval
-        if burst and not lane.in_flight:
-            due = await self.store.next_due(lane.name)
-            if due is None:
-                return
-            timeout = max(0.0, (due - utcnow()).total_seconds())
-        try:
-            await asyncio.wait_for(lane.wake.wait(), timeout)
-        except TimeoutError:
-            pass
-
     async def _deliver(self, lane: _Lane, job: Job) -> None:
         started = time.monotonic()
         try:
@@ -165,8 +166,13 @@ class Dispatcher:
         await asyncio.shield(self._recorder.submit(outcome))
         log.info(
             "job %s %s via %s/%s attempt %d in %.3fs%s",
-            job.id, outcome.status.value, lane.name, lane.channel.provider, job.attempts,
-            time.monotonic() - started, f": {outcome.last_error}" if outcome.last_error else "",
+            job.id,
+            outcome.status.value,
+            lane.name,
+            lane.channel.provider,
+            job.attempts,
+            time.monotonic() - started,
+            f": {outcome.last_error}" if outcome.last_error else "",
         )
 
     async def _attempt(self, channel: Channel, job: Job) -> Outcome:
@@ -190,8 +196,11 @@ class Dispatcher:
         if error.transient and job.attempts < self.settings.retry_max_attempts:
             wait = self.backoff.delay(job.attempts, error.retry_after)
             return Outcome(
-                job.id, JobStatus.RETRYING, last_error=error.message,
-                run_at=utcnow() + timedelta(seconds=wait), results=results,
+                job.id,
+                JobStatus.RETRYING,
+                last_error=error.message,
+                run_at=utcnow() + timedelta(seconds=wait),
+                results=results,
             )
         if error.transient:
             reason = f"gave up after {job.attempts} attempts: {error.message}"
@@ -207,12 +216,22 @@ class Dispatcher:
             results["provider_message_id"] = receipt.provider_message_id
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
 
-    async def _record(self, outcomes: list[Outcome]) -> list[bool]:
-        applied = await self.store.record(self.owner, outcomes)
+    async def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Save outcomes, riding out a store outage for a while: a delivery that happened must
+        not be forgotten (if it is, the job is sent again after recovery: at least once)."""
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=5),
+            stop=tenacity.stop_after_delay(self.settings.lease_seconds / 2),
+            reraise=True,
+        )
+        applied: list[bool] = await retrying(self.store.record, self.owner, outcomes)
         for outcome, ok in zip(outcomes, applied, strict=True):
             if not ok:
-                log.warning("job %s: outcome not recorded, the job was cancelled or taken over",
-                            outcome.job_id)
+                log.warning(
+                    "job %s: outcome not recorded, the job was cancelled or taken over",
+                    outcome.job_id,
+                )
         return applied
 
     async def _release(self, job: Job) -> None:

@@ -48,12 +48,15 @@ class Intake:
         self.channels = channels
         self.templates = templates
         self.sender = sender
-        self._batcher: Batcher[NewJob, Enqueued] = Batcher(store.enqueue, max_size=max_batch)
+        self._batcher: Batcher[NewJob, Enqueued] = Batcher(self._enqueue, max_size=max_batch)
 
     def put(self, request: SendRequest) -> asyncio.Future[Enqueued]:
         """Validate and render ``request`` now (raising NotifierError); the future resolves
         once its job is committed."""
         return self._batcher.put(self.prepare(request))
+
+    async def _enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        return await self.store.enqueue(jobs)
 
     async def drain(self) -> None:
         await self._batcher.drain()

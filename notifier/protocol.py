@@ -173,7 +173,9 @@ def check_phone(value: str, field: str) -> str:
     """E.164 (``+8613800138000``) or a national number; separators are dropped."""
     number = _PHONE_SEPARATORS.sub("", value)
     if not _PHONE.match(number):
-        raise InvalidRequest(f"{field}: {value!r} is not a phone number (E.164 such as +14155550101)")
+        raise InvalidRequest(
+            f"{field}: {value!r} is not a phone number (E.164 such as +14155550101)"
+        )
     return number
 
 

@@ -27,6 +27,7 @@ from notifier.errors import (
     LineTooLong,
     NotFound,
     NotifierError,
+    RateLimited,
     Unauthorized,
     Unavailable,
 )
@@ -57,6 +58,24 @@ Answer = dict[str, Any] | Pending
 _TOO_LONG = object()
 
 
+class _TokenBucket:
+    """Requests per second per connection, with bursts (``NOTIFIER_RATE_LIMIT``, 0 = off)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            raise RateLimited(f"more than {self.rate:g} requests/s on this connection; slow down")
+        self.tokens -= 1
+
+
 @dataclass(eq=False)
 class _Connection:
     peer: str
@@ -66,6 +85,7 @@ class _Connection:
     waiting: bool = False
     last_active: float = field(default_factory=time.monotonic)
     close_reason: str | None = None
+    bucket: _TokenBucket | None = None
 
 
 def _job_answer(job: Job | None, ref: Any) -> dict[str, Any]:
@@ -105,7 +125,9 @@ class Server:
         )
         self._sweeper = asyncio.create_task(self._close_idle(), name="server-idle-sweeper")
         log.info(
-            "listening on %s:%d%s", self.settings.host, self.port,
+            "listening on %s:%d%s",
+            self.settings.host,
+            self.port,
             " (TLS)" if self.settings.tls_enabled else "",
         )
 
@@ -153,8 +175,11 @@ class Server:
     ) -> None:
         peer = str(writer.get_extra_info("peername"))
         if self._closing or len(self._connections) >= self.settings.max_connections:
-            reason = "shutting down" if self._closing else (
-                f"too many connections (limit {self.settings.max_connections})")
+            reason = (
+                "shutting down"
+                if self._closing
+                else (f"too many connections (limit {self.settings.max_connections})")
+            )
             writer.write(encode(error_answer(Unavailable(reason))))
             await self._close_writer(writer)
             return
@@ -163,6 +188,9 @@ class Server:
             authenticated=not self._tokens,
             answers=asyncio.Queue(self.settings.max_pipeline),
             task=asyncio.current_task(),
+            bucket=_TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
+            if self.settings.rate_limit
+            else None,
         )
         self._connections.add(connection)
         answering = asyncio.create_task(self._write_answers(connection, writer))
@@ -208,8 +236,11 @@ class Server:
                 return
             connection.last_active = time.monotonic()
             if line is _TOO_LONG:
-                answer: Answer = error_answer(LineTooLong(
-                    f"line longer than {self.settings.max_line_bytes} bytes; it was skipped"))
+                answer: Answer = error_answer(
+                    LineTooLong(
+                        f"line longer than {self.settings.max_line_bytes} bytes; it was skipped"
+                    )
+                )
             else:
                 assert isinstance(line, bytes)
                 if not line.strip():
@@ -248,6 +279,8 @@ class Server:
             ref = extract_ref(data)
             request = parse_request(data)
             self._authorize(connection, request)
+            if connection.bucket is not None:
+                connection.bucket.take()
             return self._dispatch(request, ref)
         except NotifierError as exc:
             return error_answer(exc, ref)
@@ -263,7 +296,7 @@ class Server:
             return
         if isinstance(request, AuthRequest):
             raise Unauthorized("token: not valid")
-        raise Unauthorized("authenticate first: send {\"op\": \"auth\", \"token\": ...}")
+        raise Unauthorized('authenticate first: send {"op": "auth", "token": ...}')
 
     def _token_ok(self, token: str) -> bool:
         given = token.encode()

@@ -41,7 +41,8 @@ class Service:
             if channel.simulated:
                 log.warning(
                     "channel %s is NOT SENDING: messages go to the outbox in %s (configure %s)",
-                    name, self.settings.outbox_dir.resolve(),
+                    name,
+                    self.settings.outbox_dir.resolve(),
                     "NOTIFIER_SMTP_HOST" if name == "email" else "NOTIFIER_SMS_PROVIDER",
                 )
         self.intake = Intake(

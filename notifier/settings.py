@@ -35,11 +35,18 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1)
     idle_timeout: float = Field(300.0, gt=0)
     max_pipeline: int = Field(1000, ge=1)
+    rate_limit: float = Field(0.0, ge=0)
+    rate_burst: int = Field(100, ge=1)
     shutdown_grace: float = Field(10.0, ge=0)
 
     # Store
     database_url: str = "sqlite:///./notifier.db"
     retention_days: float = Field(30.0, gt=0)
+    database_pool_size: int = Field(10, ge=2)
+    database_statement_timeout: float = Field(10.0, gt=0)
+    database_pgbouncer: bool = False
+    heartbeat_interval: float = Field(2.0, gt=0)
+    instance_dead_after: float = Field(10.0, gt=0)
 
     # Delivery
     retry_max_attempts: int = Field(8, ge=1)
@@ -86,8 +93,17 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "tls_cert", "tls_key", "smtp_host", "smtp_ca_file", "sms_provider", "sms_url",
-        "smtp_username", "smtp_password", "sms_account", "sms_api_key", "sms_from",
+        "tls_cert",
+        "tls_key",
+        "smtp_host",
+        "smtp_ca_file",
+        "sms_provider",
+        "sms_url",
+        "smtp_username",
+        "smtp_password",
+        "sms_account",
+        "sms_api_key",
+        "sms_from",
         mode="before",
     )
     @classmethod

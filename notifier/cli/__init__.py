@@ -11,9 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = (
-    "notifier.cli.serve",
-)
+COMMAND_MODULES = ("notifier.cli.serve", "notifier.cli.templates")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,8 +72,19 @@ def _moment(epoch: float) -> datetime:
 
 
 def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
-    (job_id, channel, status, message, attempts, last_error, results, key, created, updated,
-     run_at) = tuple(row)
+    (
+        job_id,
+        channel,
+        status,
+        message,
+        attempts,
+        last_error,
+        results,
+        key,
+        created,
+        updated,
+        run_at,
+    ) = tuple(row)
     return Job(
         id=job_id,
         channel=channel,
@@ -150,14 +161,14 @@ class SQLiteStore(Store):
                     await db.execute("ROLLBACK")
                     raise
                 await db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError) as exc:
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._mutex:
             try:
                 return list(await self.db.execute_fetchall(sql, params))
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError) as exc:
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def ping(self) -> None:
@@ -179,8 +190,17 @@ class SQLiteStore(Store):
                 if key is not None:
                     known[key] = message.id
                 run_at = job.run_at.timestamp() if job.run_at else now
-                rows.append((message.id, message.channel, json.dumps(message.to_dict()), key,
-                             now, now, run_at))
+                rows.append(
+                    (
+                        message.id,
+                        message.channel,
+                        json.dumps(message.to_dict()),
+                        key,
+                        now,
+                        now,
+                        run_at,
+                    )
+                )
                 answers.append(Enqueued(message.id))
             await db.executemany(
                 "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
@@ -218,16 +238,18 @@ class SQLiteStore(Store):
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         now = time.time()
-        payload = json.dumps([
-            {
-                "id": o.job_id,
-                "status": o.status.value,
-                "last_error": o.last_error,
-                "run_at": o.run_at.timestamp() if o.run_at else None,
-                "results": json.dumps(o.results) if o.results else None,
-            }
-            for o in outcomes
-        ])
+        payload = json.dumps(
+            [
+                {
+                    "id": o.job_id,
+                    "status": o.status.value,
+                    "last_error": o.last_error,
+                    "run_at": o.run_at.timestamp() if o.run_at else None,
+                    "results": json.dumps(o.results) if o.results else None,
+                }
+                for o in outcomes
+            ]
+        )
         async with self._transaction() as db:
             rows = await db.execute_fetchall(
                 "UPDATE jobs SET status = o.status, last_error = o.last_error,"
@@ -311,4 +333,3 @@ class SQLiteStore(Store):
         counts = dict.fromkeys(JobStatus, 0)
         counts.update({JobStatus(status): count for status, count in rows})
         return counts
-

@@ -14,19 +14,18 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from notifier.service import Service
 from notifier.settings import Settings
-
 from tests.support.waiting import wait_for_sync
 
 
-def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings isolated in ``tmp_path``: own database, outbox, templates; ports chosen by the OS."""
+def isolated_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings isolated in ``tmp_path``; ports chosen by the OS."""
     values: dict[str, Any] = {
         "port": 0,
         "http_port": 0,
@@ -66,7 +65,7 @@ class RunningServer:
 @asynccontextmanager
 async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
     """The real service in this event loop, stopped (gracefully) on exit."""
-    service = Service(test_settings(tmp_path, **overrides))
+    service = Service(isolated_settings(tmp_path, **overrides))
     await service.start()
     try:
         yield RunningServer(service)
@@ -106,10 +105,8 @@ class LineConnection:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with suppress(ConnectionError):
             await self.writer.wait_closed()
-        except ConnectionError:
-            pass
 
 
 def free_port() -> int:
@@ -146,7 +143,10 @@ class ServerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "notifier", "serve"],
-            env=self.env, cwd=self.tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         wait_for_sync(self._answers_ping, timeout=timeout, what=f"notifier on port {self.port}")

@@ -26,7 +26,9 @@ async def wait_for(
         await asyncio.sleep(0.01)
 
 
-def wait_for_sync(condition: Callable[[], T], *, timeout: float = 10.0, what: str = "condition") -> T:
+def wait_for_sync(
+    condition: Callable[[], T], *, timeout: float = 10.0, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:

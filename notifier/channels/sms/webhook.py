@@ -1,0 +1,56 @@
+"""An in-house gateway: a JSON POST per number to NOTIFIER_SMS_URL; any 2xx is success.
+
+Body ``{"id": job id, "to": number, "text": ..., "from": NOTIFIER_SMS_FROM}``. When
+NOTIFIER_SMS_API_KEY is set it is the HMAC secret, never sent: the header
+``X-Notifier-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` lets the gateway check
+the request came from us. Failures follow the common HTTP rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Self
+
+import httpx
+from pydantic import SecretStr
+
+from notifier.channels.sms.base import SMSProvider, http_error, post, required
+from notifier.settings import Settings
+
+SIGNATURE_HEADER = "X-Notifier-Signature"
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+class WebhookProvider(SMSProvider):
+    name = "webhook"
+
+    def __init__(self, *, url: str, secret: SecretStr | None, sender: str | None) -> None:
+        self.url = url
+        self._secret = secret
+        self.sender = sender
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(
+            url=required(settings.sms_url, "SMS_URL", cls.name),
+            secret=settings.sms_api_key,
+            sender=settings.sms_from,
+        )
+
+    async def send_one(
+        self, client: httpx.AsyncClient, text: str, number: str, job_id: str
+    ) -> str | None:
+        payload = {"id": job_id, "to": number, "text": text, "from": self.sender}
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self._secret.get_secret_value().encode(), body)
+        response = await post(client, self.name, self.url, content=body, headers=headers)
+        if not response.is_success:
+            raise http_error(self.name, response)
+        return None

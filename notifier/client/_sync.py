@@ -1,0 +1,215 @@
+"""The blocking client: one socket (TLS optional), on which requests take turns.
+
+It runs no event loop of its own, so it works anywhere, a running loop's executor threads
+included (``await loop.run_in_executor(None, client.send, ...)``).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self, TypeVar, Unpack
+
+from tenacity import Retrying
+
+from notifier.client._core import (
+    DEFAULT_WINDOW,
+    MAX_ANSWER_BYTES,
+    Batch,
+    ClientCore,
+    EmailFields,
+    JobFields,
+    JobInfo,
+    Poller,
+    Progress,
+    Recipients,
+    SendResult,
+    bad_answer,
+    connection_lost,
+    encode_request,
+    job_id,
+    keeps_connection,
+    parse_answer,
+)
+
+T = TypeVar("T")
+
+
+class _Connection:
+    """A connected socket, read through a buffer so that one read can take many answers."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        self._peer = peer
+
+    @classmethod
+    def open(
+        cls, host: str, port: int, context: ssl.SSLContext | None, timeout: float | None, peer: str
+    ) -> _Connection:
+        sock = None
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=host)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise connection_lost(f"cannot connect to {peer}", exc) from exc
+        return cls(sock, peer)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise connection_lost(f"cannot write to {self._peer}", exc) from exc
+
+    def readline(self) -> bytes:
+        try:
+            line = self._file.readline(MAX_ANSWER_BYTES)
+        except OSError as exc:
+            raise connection_lost(f"no answer from {self._peer}", exc) from exc
+        if line.endswith(b"\n"):
+            return line
+        if len(line) >= MAX_ANSWER_BYTES:
+            raise bad_answer(f"longer than {MAX_ANSWER_BYTES} bytes")
+        closed = ConnectionResetError("the server closed the connection")
+        raise connection_lost(f"no answer from {self._peer}", closed)
+
+    def request(self, line: bytes) -> dict[str, Any]:
+        self.write(line)
+        return parse_answer(self.readline())
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+class Client(ClientCore[_Connection, threading.Lock]):
+    """A blocking notifier client; see ``ClientCore`` for the arguments.
+
+    It connects on first use and reconnects by itself. One client can be shared between
+    threads: their requests take turns on its connection.
+    """
+
+    def _new_lock(self) -> threading.Lock:
+        return threading.Lock()
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection. The client cannot be used again (RuntimeError)."""
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+    def send(self, channel: str, to: Recipients, **fields: Any) -> str:
+        """Store a job and return its id once the server has stored it durably.
+
+        ``fields`` are the protocol's (``subject``, ``text``, ``template``, ``data``, ...).
+        Raises the ``NotifierError`` of the server's answer, or ``InvalidRequest`` before
+        sending anything if the job cannot be valid.
+        """
+        line = self._send_line({"channel": channel, "to": to, **fields})
+        return job_id(self._request(line))
+
+    def send_email(self, to: Recipients, **fields: Unpack[EmailFields]) -> str:
+        return self.send("email", to, **fields)
+
+    def send_sms(self, to: Recipients, **fields: Unpack[JobFields]) -> str:
+        return self.send("sms", to, **fields)
+
+    def send_many(
+        self, jobs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
+    ) -> list[SendResult]:
+        """Send many jobs on one connection, pipelined, and return their results in order.
+
+        Each job is a mapping of the fields of ``send`` (``channel``, ``to``, ...). A refused
+        job gets its error in its result; the others are stored all the same.
+        """
+        batch = self._batch(jobs, window)
+        if not batch.done:
+            self._call(lambda connection: self._run_batch(batch, connection), batch.progress)
+        return batch.results()
+
+    def status(self, job_id: str) -> JobInfo:
+        """The job's state; ``NotFound`` for an unknown id."""
+        return JobInfo.from_answer(self._request(self._job_line("status", job_id)))
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job not delivered yet; ``NotFound`` for an unknown id."""
+        self._request(self._job_line("cancel", job_id))
+
+    def ping(self) -> None:
+        """Check that the server answers (and accepts the token, if there is one)."""
+        self._request(encode_request({"op": "ping"}))
+
+    def wait(self, job_id: str, *, timeout: float = 60.0, interval: float = 1.0) -> JobInfo:
+        """Poll the job until it is delivered, failed or cancelled; TimeoutError after
+        ``timeout`` seconds. Polls often at first, then every ``interval`` seconds."""
+        poller = Poller(timeout, interval)
+        while True:
+            info = self.status(job_id)
+            if info.final:
+                return info
+            time.sleep(poller.next_delay(info))
+
+    def _request(self, line: bytes) -> dict[str, Any]:
+        return self._call(lambda connection: connection.request(line))
+
+    @staticmethod
+    def _run_batch(batch: Batch, connection: _Connection) -> None:
+        batch.rewind()
+        while not batch.done:
+            if chunk := batch.to_write():
+                connection.write(chunk)
+            batch.on_answer(connection.readline())
+
+    def _call(self, exchange: Callable[[_Connection], T], progress: Progress | None = None) -> T:
+        with self._lock:
+            self._check_open()
+            result: T = Retrying(**self._retry_options(progress))(self._attempt, exchange)
+            return result
+
+    def _attempt(self, exchange: Callable[[_Connection], T]) -> T:
+        connection = self._conn or self._connect()
+        try:
+            return exchange(connection)
+        except BaseException as exc:
+            if not keeps_connection(exc):
+                self._drop()
+            raise
+
+    def _connect(self) -> _Connection:
+        connection = _Connection.open(
+            self.host, self.port, self._ssl_context, self.timeout, self._peer
+        )
+        auth = self._auth_line()
+        try:
+            if auth is not None:
+                connection.request(auth)
+        except BaseException:
+            connection.close()
+            raise
+        self._conn = connection
+        return connection
+
+    def _drop(self) -> None:
+        connection, self._conn = self._conn, None
+        if connection is not None:
+            connection.close()

@@ -1,0 +1,151 @@
+"""Versioned schema migrations, applied in one transaction under an advisory lock.
+
+Several instances may start at once against a fresh database: the transaction-level
+advisory lock lets one of them migrate while the others wait and then find nothing to do.
+DDL is transactional in PostgreSQL, so a failed migration leaves no half-built schema.
+The lock is transaction-scoped (not session-scoped) so this also works through PgBouncer in
+transaction mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+log = logging.getLogger("notifier.store.postgres")
+
+#: pg_advisory_xact_lock keys; arbitrary, but fixed for every notifier version.
+MIGRATION_LOCK = 0x6E6F7469_6D696772  # "notimigr"
+REAPER_LOCK = 0x6E6F7469_72656170  # "notireap"
+
+#: The NOTIFY channel that wakes idle dispatchers of every instance.
+WORK_CHANNEL = "notifier_work"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "jobs and instances",
+        """
+        CREATE TABLE jobs (
+            id text PRIMARY KEY,
+            channel text NOT NULL,
+            status text NOT NULL,
+            message jsonb NOT NULL,
+            attempts integer NOT NULL DEFAULT 0,
+            last_error text,
+            results jsonb,
+            idempotency_key text UNIQUE,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            run_at timestamptz NOT NULL,
+            lease_owner text,
+            lease_until timestamptz
+        );
+        -- Claims read only this small index of waiting work, in the order they take it.
+        CREATE INDEX jobs_due ON jobs (channel, run_at, id)
+            WHERE status IN ('queued', 'retrying');
+        CREATE INDEX jobs_leased ON jobs (lease_owner, lease_until) WHERE status = 'sending';
+        CREATE INDEX jobs_finished ON jobs (updated_at)
+            WHERE status IN ('delivered', 'failed', 'cancelled');
+        -- Every job is updated two or three times and then kept: vacuum and analyze after a
+        -- small fraction has changed, not the default 20%, so the due index stays small and
+        -- the planner's statistics stay fresh on a large table.
+        ALTER TABLE jobs SET (
+            autovacuum_vacuum_scale_factor = 0.01,
+            autovacuum_vacuum_threshold = 1000,
+            autovacuum_vacuum_insert_scale_factor = 0.05,
+            autovacuum_analyze_scale_factor = 0.02,
+            autovacuum_analyze_threshold = 1000,
+            autovacuum_vacuum_cost_delay = 1
+        );
+
+        CREATE TABLE instances (
+            owner text PRIMARY KEY,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- A few rows, each rewritten every couple of seconds.
+        ALTER TABLE instances SET (
+            autovacuum_vacuum_scale_factor = 0,
+            autovacuum_vacuum_threshold = 200,
+            fillfactor = 50
+        );
+        """,
+    ),
+)
+
+LATEST = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer notifier; this one must not touch it."""
+
+
+async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return set()
+    return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+
+
+async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+    """Apply the missing migrations; return them (empty when the schema is current)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = await applied_versions(conn)
+        if done and max(done) > LATEST:
+            raise SchemaTooNew(
+                f"the database schema is at version {max(done)}, newer than this notifier"
+                f" knows ({LATEST}); upgrade notifier"
+            )
+        pending = [m for m in MIGRATIONS if m.version not in done]
+        for migration in pending:
+            log.info("schema: applying migration %d (%s)", migration.version, migration.name)
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+    if pending:
+        await conn.execute("ANALYZE jobs")
+    return pending
+
+
+async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
+    done = await applied_versions(conn)
+    return [m for m in MIGRATIONS if m.version not in done]
+
+
+async def warn_about_upkeep(conn: asyncpg.Connection) -> bool:
+    """Log a warning when autovacuum cannot run; return whether it can.
+
+    Without it the jobs table and its indexes bloat with dead rows and the planner's
+    statistics go stale, which is how job queues on PostgreSQL slow to a crawl.
+    """
+    autovacuum = await conn.fetchval("SELECT current_setting('autovacuum') = 'on'")
+    track_counts = await conn.fetchval("SELECT current_setting('track_counts') = 'on'")
+    if autovacuum and track_counts:
+        return True
+    log.warning(
+        "PostgreSQL autovacuum is off (autovacuum=%s, track_counts=%s): the jobs table will"
+        " bloat and its statistics go stale; turn autovacuum on, or run VACUUM ANALYZE jobs"
+        " regularly",
+        "on" if autovacuum else "off",
+        "on" if track_counts else "off",
+    )
+    return False

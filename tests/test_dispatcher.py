@@ -1,0 +1,222 @@
+"""Delivery, retries and shutdown, with the real SQLite store and scripted channels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from notifier.channels.base import Channel
+from notifier.dispatcher import Backoff, Dispatcher
+from notifier.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from notifier.models import Job, JobStatus, Message, NewJob, Receipt, utcnow
+from notifier.store import Store, open_store
+from tests.support.server import isolated_settings
+from tests.support.waiting import wait_for
+
+Script = Callable[[Message, int], Receipt]
+
+
+class ScriptedChannel(Channel):
+    """A channel whose n-th call does what the test says; it records every message."""
+
+    provider = "scripted"
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.calls: list[Message] = []
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, message: Message) -> Receipt:
+        self.calls.append(message)
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.script(message, len(self.calls))
+
+
+def fail_then_deliver(failures: int, error: Callable[[], DeliveryError]) -> Script:
+    def script(message: Message, call: int) -> Receipt:
+        if call <= failures:
+            raise error()
+        return Receipt(provider_ids=dict.fromkeys(message.to, f"id-{call}"))
+
+    return script
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(f"sqlite:///{tmp_path}/jobs.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def enqueue(store: Store, *to: str, channel: str = "sms") -> str:
+    message = Message(id=f"job-{len(to)}-{to[0]}", channel=channel, to=to, text="hi")
+    [answer] = await store.enqueue([NewJob(message)])
+    return answer.id
+
+
+async def job(store: Store, job_id: str) -> Job:
+    found = await store.get(job_id)
+    assert found is not None
+    return found
+
+
+def dispatcher(store: Store, channel: Channel, tmp_path: Path, **settings: object) -> Dispatcher:
+    values: dict[str, object] = {"retry_base_delay": 0.0, "retry_max_delay": 0.0}
+    values.update(settings)
+    return Dispatcher(store, {"sms": channel}, isolated_settings(tmp_path, **values))
+
+
+async def test_transient_failures_are_retried_until_delivered(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(2, lambda: TransientDeliveryError("busy")))
+    job_id = await enqueue(store, "+14155550101")
+    await dispatcher(store, channel, tmp_path).run_burst()
+    done = await job(store, job_id)
+    assert done.status is JobStatus.DELIVERED
+    assert done.attempts == 3 and len(channel.calls) == 3
+    assert done.last_error is None
+    assert done.results["delivered"] == {"+14155550101": "id-3"}
+
+
+async def test_permanent_failure_fails_at_once(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(9, lambda: PermanentDeliveryError("bad number")))
+    job_id = await enqueue(store, "+14155550101")
+    await dispatcher(store, channel, tmp_path).run_burst()
+    failed = await job(store, job_id)
+    assert failed.status is JobStatus.FAILED
+    assert failed.attempts == 1 and failed.last_error == "bad number"
+
+
+async def test_gives_up_after_max_attempts(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(99, lambda: TransientDeliveryError("timeout")))
+    job_id = await enqueue(store, "+14155550101")
+    await dispatcher(store, channel, tmp_path, retry_max_attempts=4).run_burst()
+    failed = await job(store, job_id)
+    assert failed.status is JobStatus.FAILED and failed.attempts == 4
+    assert failed.last_error == "gave up after 4 attempts: timeout"
+
+
+async def test_unexpected_channel_exception_counts_as_transient(
+    store: Store, tmp_path: Path
+) -> None:
+    def script(message: Message, call: int) -> Receipt:
+        if call == 1:
+            raise KeyError("oops")
+        return Receipt()
+
+    job_id = await enqueue(store, "+14155550101")
+    await dispatcher(store, ScriptedChannel(script), tmp_path).run_burst()
+    assert (await job(store, job_id)).status is JobStatus.DELIVERED
+
+
+async def test_retry_after_is_honoured_beyond_max_delay(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(
+        fail_then_deliver(1, lambda: TransientDeliveryError("429", retry_after=3600))
+    )
+    job_id = await enqueue(store, "+14155550101")
+    before = utcnow()
+    await dispatcher(store, channel, tmp_path, retry_max_delay=1.0).run_burst()
+    waiting = await job(store, job_id)
+    assert waiting.status is JobStatus.RETRYING
+    assert waiting.run_at >= before + timedelta(seconds=3600)
+    assert waiting.last_error == "429"
+
+
+async def test_retry_repeats_only_the_numbers_that_failed(store: Store, tmp_path: Path) -> None:
+    def script(message: Message, call: int) -> Receipt:
+        if call == 1:
+            raise TransientDeliveryError("gateway busy", delivered={"+14155550101": "sent-1"})
+        return Receipt(provider_ids=dict.fromkeys(message.to, "sent-2"))
+
+    channel = ScriptedChannel(script)
+    job_id = await enqueue(store, "+14155550101", "+14155550102")
+    await dispatcher(store, channel, tmp_path).run_burst()
+    assert [m.to for m in channel.calls] == [("+14155550101", "+14155550102"), ("+14155550102",)]
+    done = await job(store, job_id)
+    assert done.results["delivered"] == {"+14155550101": "sent-1", "+14155550102": "sent-2"}
+
+
+async def test_cancel_during_delivery_is_not_overwritten(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
+    channel.gate = asyncio.Event()
+    job_id = await enqueue(store, "+14155550101")
+    burst = asyncio.create_task(dispatcher(store, channel, tmp_path).run_burst())
+    await wait_for(lambda: channel.calls, what="delivery started")
+    await store.cancel(job_id)
+    channel.gate.set()
+    await burst
+    assert (await job(store, job_id)).status is JobStatus.CANCELLED
+
+
+async def test_shutdown_releases_cut_off_deliveries(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
+    channel.gate = asyncio.Event()
+    job_id = await enqueue(store, "+14155550101")
+    worker = dispatcher(store, channel, tmp_path)
+    running = asyncio.create_task(worker.run())
+    await wait_for(lambda: channel.calls, what="delivery started")
+    await worker.stop(grace=0.05)
+    await running
+    released = await job(store, job_id)
+    assert released.status is JobStatus.RETRYING
+    assert "shutdown" in (released.last_error or "")
+
+    channel.gate.set()
+    await dispatcher(store, channel, tmp_path).run_burst()
+    assert (await job(store, job_id)).status is JobStatus.DELIVERED
+
+
+async def test_shutdown_lets_quick_deliveries_finish(store: Store, tmp_path: Path) -> None:
+    channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
+    channel.gate = asyncio.Event()
+    job_id = await enqueue(store, "+14155550101")
+    worker = dispatcher(store, channel, tmp_path)
+    running = asyncio.create_task(worker.run())
+    await wait_for(lambda: channel.calls, what="delivery started")
+    stopping = asyncio.create_task(worker.stop(grace=30))
+    channel.gate.set()
+    await stopping
+    await running
+    assert (await job(store, job_id)).status is JobStatus.DELIVERED
+
+
+async def test_work_left_in_flight_by_a_dead_process_is_taken_back_at_start(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    first = open_store(url)
+    await first.open()
+    job_id = await enqueue(first, "+14155550101")
+    assert await first.claim("sms", owner="dead", limit=10, lease_seconds=3600)
+    await first.close()  # the process "dies": nothing released
+
+    second = open_store(url)
+    await second.open()
+    channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
+    worker = dispatcher(second, channel, tmp_path)
+    running = asyncio.create_task(worker.run())
+
+    async def delivered() -> bool:
+        return (await job(second, job_id)).status is JobStatus.DELIVERED
+
+    await wait_for(delivered, what="the dead process's job delivered")
+    await worker.stop(grace=1)
+    await running
+    await second.close()
+
+
+def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
+    backoff = Backoff(base=1.0, cap=30.0)
+    assert 1.0 <= backoff.delay(1) <= 2.0
+    assert 4.0 <= backoff.delay(3) <= 5.0
+    assert backoff.delay(20) == 30.0
+    assert backoff.delay(1, retry_after=120.0) == 120.0

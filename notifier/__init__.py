@@ -4,9 +4,8 @@ This module is the public Python surface: the clients, their result types and th
 The service itself is run with ``notifier serve`` (see PROTOCOL.md).
 """
 
-from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from notifier.client._async import AsyncClient
 from notifier.client._core import JobInfo, SendResult
@@ -30,8 +29,8 @@ from notifier.errors import (
 from notifier.models import JobStatus
 
 try:
-    __version__ = version("notifier")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _version("notifier")
+except _PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [

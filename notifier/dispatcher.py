@@ -25,6 +25,7 @@ import tenacity
 from notifier.batching import Batcher
 from notifier.channels.base import Channel
 from notifier.errors import DeliveryError, DeliveryTimeout, TransientDeliveryError
+from notifier.metrics import Metrics
 from notifier.models import Job, JobStatus, Outcome, Receipt, utcnow
 from notifier.settings import Settings
 from notifier.store import Store, StoreUnavailable
@@ -67,10 +68,12 @@ class Dispatcher:
         channels: Mapping[str, Channel],
         settings: Settings,
         *,
+        metrics: Metrics,
         owner: str | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.metrics = metrics
         self.owner = owner or f"notifier-{uuid.uuid4().hex[:12]}"
         self.backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
         self._lanes = [
@@ -163,16 +166,42 @@ class Dispatcher:
         finally:
             lane.in_flight.pop(job.id, None)
             lane.wake.set()
-        await asyncio.shield(self._recorder.submit(outcome))
-        log.info(
-            "job %s %s via %s/%s attempt %d in %.3fs%s",
+        elapsed = time.monotonic() - started
+        applied = await asyncio.shield(self._recorder.submit(outcome))
+        if applied:
+            self._observe(lane, job, outcome, elapsed)
+
+    def _observe(self, lane: _Lane, job: Job, outcome: Outcome, elapsed: float) -> None:
+        provider = lane.channel.provider
+        labels = (lane.name, provider)
+        self.metrics.attempt_seconds.labels(*labels).observe(elapsed)
+        if outcome.status is JobStatus.DELIVERED:
+            self.metrics.delivered.labels(*labels).inc()
+            age = (utcnow() - job.created_at).total_seconds()
+            self.metrics.accept_to_delivered_seconds.labels(lane.name).observe(age)
+        elif outcome.status is JobStatus.RETRYING:
+            self.metrics.retried.labels(*labels).inc()
+        else:
+            self.metrics.failed.labels(*labels).inc()
+        log.log(
+            logging.WARNING if outcome.status is JobStatus.FAILED else logging.INFO,
+            "job %s %s via %s/%s, attempt %d, %.3fs%s",
             job.id,
             outcome.status.value,
             lane.name,
-            lane.channel.provider,
+            provider,
             job.attempts,
-            time.monotonic() - started,
+            elapsed,
             f": {outcome.last_error}" if outcome.last_error else "",
+            extra={
+                "job_id": job.id,
+                "channel": lane.name,
+                "provider": provider,
+                "attempt": job.attempts,
+                "outcome": outcome.status.value,
+                "seconds": round(elapsed, 4),
+                "error": outcome.last_error,
+            },
         )
 
     async def _attempt(self, channel: Channel, job: Job) -> Outcome:

@@ -8,12 +8,14 @@ accepted together are committed together (group commit, see ``batching``).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 
 from notifier.batching import Batcher
 from notifier.channels.mime import new_message_id
 from notifier.errors import InvalidRequest, UnknownChannel
+from notifier.metrics import Metrics
 from notifier.models import Enqueued, Message, NewJob
 from notifier.protocol import SendRequest, check_header_value, check_mailbox, check_phone
 from notifier.store import Store
@@ -42,21 +44,32 @@ class Intake:
         channels: Collection[str],
         templates: Templates,
         sender: str,
+        metrics: Metrics,
         max_batch: int = 1000,
     ) -> None:
         self.store = store
         self.channels = channels
         self.templates = templates
         self.sender = sender
+        self.metrics = metrics
         self._batcher: Batcher[NewJob, Enqueued] = Batcher(self._enqueue, max_size=max_batch)
 
     def put(self, request: SendRequest) -> asyncio.Future[Enqueued]:
         """Validate and render ``request`` now (raising NotifierError); the future resolves
         once its job is committed."""
-        return self._batcher.put(self.prepare(request))
+        started = time.monotonic()
+        future = self._batcher.put(self.prepare(request))
+        future.add_done_callback(
+            lambda _: self.metrics.intake_seconds.observe(time.monotonic() - started)
+        )
+        return future
 
     async def _enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        return await self.store.enqueue(jobs)
+        answers = await self.store.enqueue(jobs)
+        for job, answer in zip(jobs, answers, strict=True):
+            counter = self.metrics.duplicates if answer.duplicate else self.metrics.accepted
+            counter.labels(job.message.channel).inc()
+        return answers
 
     async def drain(self) -> None:
         await self._batcher.drain()

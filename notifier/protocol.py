@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
 
@@ -25,9 +25,10 @@ from pydantic import (
 )
 
 from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownOp
+from notifier.models import JobStatus, utcnow
 
 PROTOCOL_VERSION = 1
-OPS = ("send", "status", "cancel", "ping", "auth")
+OPS = ("send", "status", "cancel", "ping", "auth", "jobs", "retry", "purge")
 
 Ref = StrictStr | StrictInt | StrictFloat
 
@@ -98,7 +99,64 @@ class AuthRequest(_Request):
     token: StrictStr
 
 
-Request = SendRequest | JobRequest | PingRequest | AuthRequest
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``90``, ``"90s"``, ``"15m"``, ``"1h"``, ``"30d"``, ``"2w"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return timedelta(seconds=value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("must be a duration such as 90s, 15m, 1h or 30d")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def _since(value: object) -> datetime:
+    """A duration back from now (``"1h"``) or an RFC 3339 timestamp."""
+    if isinstance(value, str) and ("T" in value or "-" in value):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError("must be a duration (1h) or an RFC 3339 timestamp") from None
+        if moment.tzinfo is None:
+            raise ValueError("timestamp needs an offset, such as ...Z")
+        return moment
+    return utcnow() - parse_duration(value)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Since = Annotated[datetime, BeforeValidator(_since)]
+
+
+class JobsRequest(_Request):
+    """Admin: list jobs, newest change first."""
+
+    op: Literal["jobs"]
+    status: JobStatus | None = None
+    since: Since | None = None
+    limit: Annotated[int, Field(ge=1, le=10_000)] = 100
+
+
+class RetryRequest(_Request):
+    """Admin: requeue one failed job (``id``), or every job failed ``since``."""
+
+    op: Literal["retry"]
+    id: StrictStr | None = None
+    since: Since | None = None
+
+
+class PurgeRequest(_Request):
+    """Admin: delete finished jobs last changed longer than ``older_than`` ago."""
+
+    op: Literal["purge"]
+    older_than: Duration
+
+
+Request = (
+    SendRequest | JobRequest | PingRequest | AuthRequest | JobsRequest | RetryRequest | PurgeRequest
+)
 
 _MODELS: dict[str, type[_Request]] = {
     "send": SendRequest,
@@ -106,6 +164,9 @@ _MODELS: dict[str, type[_Request]] = {
     "cancel": JobRequest,
     "ping": PingRequest,
     "auth": AuthRequest,
+    "jobs": JobsRequest,
+    "retry": RetryRequest,
+    "purge": PurgeRequest,
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from notifier.errors import (
     InternalError,
+    InvalidRequest,
     LineTooLong,
     NotFound,
     NotifierError,
@@ -32,12 +33,16 @@ from notifier.errors import (
     Unavailable,
 )
 from notifier.intake import Intake
-from notifier.models import Enqueued, Job
+from notifier.metrics import Metrics
+from notifier.models import Enqueued, Job, utcnow
 from notifier.protocol import (
     AuthRequest,
     JobRequest,
+    JobsRequest,
     PingRequest,
+    PurgeRequest,
     Request,
+    RetryRequest,
     SendRequest,
     decode_line,
     encode,
@@ -95,8 +100,11 @@ def _job_answer(job: Job | None, ref: Any) -> dict[str, Any]:
 
 
 class Server:
-    def __init__(self, settings: Settings, *, intake: Intake, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, *, intake: Intake, store: Store, metrics: Metrics
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.intake = intake
         self.store = store
         self._tokens = [t.get_secret_value().encode() for t in settings.auth_tokens]
@@ -112,8 +120,8 @@ class Server:
         return port
 
     @property
-    def open_connections(self) -> int:
-        return len(self._connections)
+    def accepting(self) -> bool:
+        return self._server is not None and not self._closing
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -193,6 +201,7 @@ class Server:
             else None,
         )
         self._connections.add(connection)
+        self.metrics.open_connections.inc()
         answering = asyncio.create_task(self._write_answers(connection, writer))
         try:
             await self._read_requests(connection, reader)
@@ -203,6 +212,7 @@ class Server:
             pass
         finally:
             self._connections.discard(connection)
+            self.metrics.open_connections.dec()
             await self._finish(connection, answering, writer)
 
     async def _finish(
@@ -312,7 +322,34 @@ class Server:
             lookup = self.store.get if request.op == "status" else self.store.cancel
             future = asyncio.ensure_future(lookup(request.id))
             return (future, lambda job: _job_answer(job, ref), ref)
+        if isinstance(request, (JobsRequest, RetryRequest, PurgeRequest)):
+            return (
+                asyncio.ensure_future(self._admin(request)),
+                lambda fields: ok(ref, **fields),
+                ref,
+            )
         return ok(ref)
+
+    async def _admin(self, request: JobsRequest | RetryRequest | PurgeRequest) -> dict[str, Any]:
+        """The operations behind ``notifier jobs|retry|purge``, under the same auth."""
+        if isinstance(request, JobsRequest):
+            jobs = await self.store.list_jobs(
+                status=request.status, since=request.since, limit=request.limit
+            )
+            return {"jobs": [job.to_status() for job in jobs]}
+        if isinstance(request, PurgeRequest):
+            return {"purged": await self.store.purge(before=utcnow() - request.older_than)}
+        if request.id is None and request.since is None:
+            raise InvalidRequest("id: give a job id, or since to retry every job failed since")
+        if request.id is None:
+            return {"ids": await self.store.retry(job_ids=None, since=request.since)}
+        ids = await self.store.retry(job_ids=[request.id], since=None)
+        if not ids:
+            job = await self.store.get(request.id)
+            if job is None:
+                raise NotFound("id: no such job")
+            raise InvalidRequest(f"id: job is {job.status.value}; only failed jobs are retried")
+        return {"ids": ids}
 
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
         """Write answers in order; once the peer is gone, keep consuming so the reader never
@@ -321,6 +358,8 @@ class Server:
         connected = True
         while (item := await queue.get()) is not None:
             answer = await _resolve(item) if isinstance(item, tuple) else item
+            if not answer["ok"]:
+                self.metrics.rejected.labels(answer["error"]["code"]).inc()
             if not connected:
                 continue
             try:

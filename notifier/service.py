@@ -12,13 +12,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+from datetime import timedelta
 
 from notifier.channels import Channel, load_channels
 from notifier.dispatcher import Dispatcher
 from notifier.intake import Intake
+from notifier.metrics import Metrics
+from notifier.models import utcnow
+from notifier.ops import OpsApp, OpsServer
 from notifier.server import Server
 from notifier.settings import Settings
-from notifier.store import Store, open_store
+from notifier.store import Store, StoreUnavailable, open_store
 from notifier.templates import Templates
 
 log = logging.getLogger("notifier")
@@ -30,7 +34,10 @@ class Service:
         self.store: Store = open_store(settings.database_url, settings)
         self.templates = Templates(settings.templates_dir)
         self.channels: dict[str, Channel] = {}
+        self.metrics = Metrics()
+        self.ops: OpsServer | None = None
         self._dispatching: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stop_requested = asyncio.Event()
 
@@ -50,11 +57,20 @@ class Service:
             channels=self.channels.keys(),
             templates=self.templates,
             sender=self.settings.smtp_from,
+            metrics=self.metrics,
         )
-        self.dispatcher = Dispatcher(self.store, self.channels, self.settings)
-        self.server = Server(self.settings, intake=self.intake, store=self.store)
+        self.dispatcher = Dispatcher(self.store, self.channels, self.settings, metrics=self.metrics)
+        self.server = Server(
+            self.settings, intake=self.intake, store=self.store, metrics=self.metrics
+        )
         self._dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
+        self._pruning = asyncio.create_task(self._prune_finished(), name="retention")
         await self.server.start()
+        if self.settings.http_port:
+            app = OpsApp(self.store, self.metrics, lambda: self.server.accepting)
+            self.ops = OpsServer(app, host=self.settings.host, port=self.settings.http_port)
+            await self.ops.start()
+            log.info("operations on http://%s:%d/", self.settings.host, self.ops.port)
 
     @property
     def port(self) -> int:
@@ -65,6 +81,8 @@ class Service:
 
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace
+        if self._pruning is not None:
+            self._pruning.cancel()
         await self.server.stop(grace)
         await self.intake.drain()
         await self.dispatcher.stop(grace)
@@ -72,6 +90,8 @@ class Service:
             await self._dispatching
         for channel in self.channels.values():
             await channel.aclose()
+        if self.ops is not None:
+            await self.ops.stop()
         await self.store.close()
         self._stopped.set()
         log.info("stopped")
@@ -86,6 +106,19 @@ class Service:
             loop.add_signal_handler(signal.SIGHUP, self.templates.reload)
         await self._stop_requested.wait()
         await self.stop()
+
+    async def _prune_finished(self) -> None:
+        """Keep finished jobs NOTIFIER_RETENTION_DAYS days, checking hourly."""
+        keep = timedelta(days=self.settings.retention_days)
+        while True:
+            try:
+                purged = await self.store.purge(before=utcnow() - keep)
+            except StoreUnavailable as exc:
+                log.warning("retention: store unavailable: %s", exc)
+            else:
+                if purged:
+                    log.info("retention: purged %d finished jobs", purged)
+            await asyncio.sleep(3600)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop_requested.is_set():

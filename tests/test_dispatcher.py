@@ -16,6 +16,7 @@ from notifier.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from notifier.metrics import Metrics
 from notifier.models import Job, JobStatus, Message, NewJob, Receipt, utcnow
 from notifier.store import Store, open_store
 from tests.support.server import isolated_settings
@@ -73,7 +74,8 @@ async def job(store: Store, job_id: str) -> Job:
 def dispatcher(store: Store, channel: Channel, tmp_path: Path, **settings: object) -> Dispatcher:
     values: dict[str, object] = {"retry_base_delay": 0.0, "retry_max_delay": 0.0}
     values.update(settings)
-    return Dispatcher(store, {"sms": channel}, isolated_settings(tmp_path, **values))
+    settings = isolated_settings(tmp_path, **values)
+    return Dispatcher(store, {"sms": channel}, settings, metrics=Metrics())
 
 
 async def test_transient_failures_are_retried_until_delivered(store: Store, tmp_path: Path) -> None:

@@ -153,13 +153,16 @@ class SMTPChannel(Channel):
             raise SettingsError("NOTIFIER_SMTP_HOST: required for SMTP delivery")
         self._settings = settings
         self._host = settings.smtp_host
-        self._port = (
+        self.port = (
             settings.smtp_port
             if "smtp_port" in settings.model_fields_set
             else DEFAULT_PORTS[settings.smtp_security]
         )
         self._sender = settings.smtp_from
-        self._sender_address = parse_mailbox(settings.smtp_from).addr_spec
+        try:
+            self._sender_address = parse_mailbox(settings.smtp_from).addr_spec
+        except ValueError as exc:
+            raise SettingsError(f"NOTIFIER_SMTP_FROM: {settings.smtp_from!r}: {exc}") from exc
         self._tls = tls_context(settings.smtp_ca_file) if settings.smtp_security != "none" else None
         self._slots = asyncio.Semaphore(settings.smtp_pool_size)
         self._idle: list[aiosmtplib.SMTP] = []
@@ -234,7 +237,7 @@ class SMTPChannel(Channel):
         password = settings.smtp_password
         return aiosmtplib.SMTP(
             hostname=self._host,
-            port=self._port,
+            port=self.port,
             username=settings.smtp_username,
             password=password.get_secret_value() if password is not None else None,
             timeout=settings.smtp_timeout,

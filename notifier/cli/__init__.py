@@ -11,7 +11,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES = ("notifier.cli.serve", "notifier.cli.templates")
+COMMAND_MODULES = (
+    "notifier.cli.serve",
+    "notifier.cli.templates",
+    "notifier.cli.client",
+    "notifier.cli.migrate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

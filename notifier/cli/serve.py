@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from typing import Any
 
+from notifier.logs import configure_logging
 from notifier.settings import SettingsError, load_settings
 from notifier.store import StoreUnavailable
 
@@ -30,10 +30,7 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"notifier: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(format=settings.log_format, level=settings.log_level)
     try:
         asyncio.run(Service(settings).serve())
     except (StoreUnavailable, OSError) as exc:

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, Generic, TypedDict, TypeVar
 
 from pydantic import ValidationError
-from tenacity import RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import RetryCallState, retry_if_exception, wait_exponential, wait_random
 
 from notifier.errors import (
     InvalidRequest,
@@ -30,7 +30,7 @@ from notifier.errors import (
     Unavailable,
     error_for_code,
 )
-from notifier.models import JobStatus
+from notifier.models import JobStatus, isoformat
 from notifier.protocol import SendRequest, describe_validation_error
 
 DEFAULT_HOST = "127.0.0.1"
@@ -114,8 +114,8 @@ class JobInfo:
             "status": self.status.value,
             "attempts": self.attempts,
             "last_error": self.last_error,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
+            "created_at": isoformat(self.created_at),
+            "updated_at": isoformat(self.updated_at),
             **self.extra,
         }
 
@@ -444,6 +444,6 @@ class ClientCore(Generic[ConnT, LockT]):
         return {
             "retry": retry_if_exception(worth_retrying),
             "stop": progress.stalled,
-            "wait": wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.1),
+            "wait": wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.1),
             "reraise": True,
         }

@@ -333,3 +333,38 @@ class SQLiteStore(Store):
         counts = dict.fromkeys(JobStatus, 0)
         counts.update({JobStatus(status): count for status, count in rows})
         return counts
+
+    async def list_jobs(
+        self, *, status: JobStatus | None, since: datetime | None, limit: int
+    ) -> list[Job]:
+        rows = await self._query(
+            f"SELECT {COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (status, status, since.timestamp() if since else 0.0, limit),
+        )
+        return [_row_to_job(row) for row in rows]
+
+    async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
+        now = time.time()
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+                " WHERE status = 'failed' AND (? IS NULL OR id IN (SELECT value FROM json_each(?)))"
+                " AND updated_at >= ? RETURNING id",
+                (
+                    now,
+                    now,
+                    *([None, None] if job_ids is None else [1, json.dumps(list(job_ids))]),
+                    since.timestamp() if since else 0.0,
+                ),
+            )
+        if rows:
+            self._notify_work()
+        return [row[0] for row in rows]
+
+    async def purge(self, *, before: datetime) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"DELETE FROM jobs WHERE {FINAL} AND updated_at < ?", (before.timestamp(),)
+            )
+            return cursor.rowcount

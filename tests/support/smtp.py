@@ -59,6 +59,7 @@ class SMTPSink:
     messages: list[ReceivedMail] = field(default_factory=list)
     connections: int = 0
     logins: list[str] = field(default_factory=list)
+    quits: int = 0
     _script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
 
     def fail_next(self, command: str, reply: str) -> None:
@@ -105,6 +106,10 @@ class SMTPSink:
             ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
         )
         return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        return "221 Bye"
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any

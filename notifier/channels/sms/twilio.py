@@ -35,10 +35,10 @@ def twilio_error(response: httpx.Response) -> DeliveryError:
         code, message = answer.get("code"), answer.get("message")
     except (ValueError, AttributeError):
         code, message = None, None
-    detail = f"error {code}: {message}" if code is not None else ""
-    if code in TRANSIENT_CODES:
-        return TransientDeliveryError(f"twilio: HTTP {response.status_code}: {detail}")
-    return http_error("twilio", response, detail)
+    error = http_error("twilio", response, f"error {code}: {message}" if code is not None else "")
+    if code in TRANSIENT_CODES and not error.transient:
+        return TransientDeliveryError(f"{error.message} ({TRANSIENT_CODES[code]})")
+    return error
 
 
 class TwilioProvider(SMSProvider):
@@ -68,5 +68,8 @@ class TwilioProvider(SMSProvider):
         response = await post(client, self.name, self.url, data=form, auth=auth)
         if not response.is_success:
             raise twilio_error(response)
-        sid = response.json().get("sid")
+        try:
+            sid = response.json().get("sid")
+        except (ValueError, AttributeError):  # accepted all the same; only the id is lost
+            return None
         return str(sid) if sid else None

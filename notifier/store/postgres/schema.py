@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    #: A plain connection (``notifier migrate``) or one from the store's pool.
+    AnyConnection: TypeAlias = (
+        asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    )
 
 log = logging.getLogger("notifier.store.postgres")
 
@@ -69,6 +78,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             autovacuum_vacuum_cost_delay = 1
         );
 
+        -- Finished jobs per status, added to by the statement that finishes them; spread
+        -- over a few shard rows so that instances do not wait on one counter row.
+        CREATE TABLE job_totals (
+            shard smallint NOT NULL,
+            status text NOT NULL,
+            n bigint NOT NULL,
+            PRIMARY KEY (shard, status)
+        );
+
         CREATE TABLE instances (
             owner text PRIMARY KEY,
             started_at timestamptz NOT NULL DEFAULT now(),
@@ -91,14 +109,14 @@ class SchemaTooNew(Exception):
     """The database was migrated by a newer notifier; this one must not touch it."""
 
 
-async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+async def applied_versions(conn: AnyConnection) -> set[int]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     if not exists:
         return set()
     return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
 
 
-async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+async def migrate(conn: AnyConnection) -> list[Migration]:
     """Apply the missing migrations; return them (empty when the schema is current)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -126,12 +144,12 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
     return pending
 
 
-async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
+async def pending_migrations(conn: AnyConnection) -> list[Migration]:
     done = await applied_versions(conn)
     return [m for m in MIGRATIONS if m.version not in done]
 
 
-async def warn_about_upkeep(conn: asyncpg.Connection) -> bool:
+async def warn_about_upkeep(conn: AnyConnection) -> bool:
     """Log a warning when autovacuum cannot run; return whether it can.
 
     Without it the jobs table and its indexes bloat with dead rows and the planner's

@@ -1,0 +1,80 @@
+"""Prometheus metrics, one registry per service so tests and embedded uses don't collide.
+
+Counters move where the events happen (intake, dispatcher, server); queue depth is read from
+the store when ``/metrics`` is scraped, so it is exact rather than a running guess.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from notifier.models import JobStatus
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter(
+            "notifier_jobs_accepted", "Jobs stored at intake.", ["channel"], registry=r
+        )
+        self.duplicates = Counter(
+            "notifier_jobs_duplicate",
+            "Sends answered with an existing job (idempotency key).",
+            ["channel"],
+            registry=r,
+        )
+        self.delivered = Counter(
+            "notifier_jobs_delivered", "Jobs delivered.", ["channel", "provider"], registry=r
+        )
+        self.failed = Counter(
+            "notifier_jobs_failed", "Jobs failed for good.", ["channel", "provider"], registry=r
+        )
+        self.retried = Counter(
+            "notifier_jobs_retried",
+            "Attempts that failed transiently and were rescheduled.",
+            ["channel", "provider"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "notifier_queue_depth", "Jobs in the store by status.", ["status"], registry=r
+        )
+        self.intake_seconds = Histogram(
+            "notifier_intake_seconds",
+            "From a send request read to its job committed.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.accept_to_delivered_seconds = Histogram(
+            "notifier_accept_to_delivered_seconds",
+            "From a job accepted to it delivered.",
+            ["channel"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "notifier_delivery_attempt_seconds",
+            "One delivery attempt, by provider.",
+            ["channel", "provider"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "notifier_open_connections", "Open protocol connections.", registry=r
+        )
+        self.rejected = Counter(
+            "notifier_requests_rejected",
+            "Requests answered with an error, by code.",
+            ["code"],
+            registry=r,
+        )
+
+    def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
+        for status, count in counts.items():
+            self.queue_depth.labels(status.value).set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

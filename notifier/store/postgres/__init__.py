@@ -1,0 +1,9 @@
+"""The PostgreSQL store: one durable queue shared by several notifier instances.
+
+``store`` holds the verbs, ``schema`` the versioned migrations, ``listener`` the LISTEN
+connection that wakes idle dispatchers.
+"""
+
+from notifier.store.postgres.store import PostgresStore
+
+__all__ = ["PostgresStore"]

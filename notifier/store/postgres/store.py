@@ -1,0 +1,457 @@
+"""The shared store: several notifier instances on one PostgreSQL database.
+
+What keeps it a good job queue where many are not:
+
+- Intake commits a whole batch in one transaction (one multi-row INSERT over arrays) and sends
+  at most one NOTIFY with it; there are no per-row triggers to throttle inserts.
+- Claims take a batch with ``FOR UPDATE SKIP LOCKED`` from a partial index that holds only
+  waiting work, in the index's own order, so instances never block each other and the plan
+  does not depend on fresh statistics. No transaction stays open during a delivery.
+- Takeover is by liveness, not by age: each instance heartbeats every couple of seconds, and
+  one instance at a time (an advisory lock) requeues the work of instances whose heartbeat
+  stopped, and work whose lease ran out. A live instance extends the leases of its slow
+  deliveries, so they are never rescued while they still run.
+- Every database or network failure surfaces as ``StoreUnavailable``; the pool replaces
+  broken connections by itself, so everything resumes when the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome
+from notifier.settings import Settings, load_settings
+from notifier.store.base import Store, StoreUnavailable
+from notifier.store.postgres import schema
+from notifier.store.postgres.listener import Listener
+
+if TYPE_CHECKING:
+    from notifier.store.postgres.schema import AnyConnection
+
+log = logging.getLogger("notifier.store.postgres")
+
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    schema.SchemaTooNew,
+    OSError,
+    TimeoutError,
+)
+
+COLUMNS = (
+    "id, channel, status, message, attempts, last_error, results, idempotency_key,"
+    " created_at, updated_at, run_at"
+)
+WAITING = "status IN ('queued', 'retrying')"
+FINAL = "status IN ('delivered', 'failed', 'cancelled')"
+#: Finished jobs are counted into ``job_totals`` by the statement that finishes them (a row
+#: per shard and status, so instances do not queue on one counter row); ``count_by_status``
+#: then never counts the ever-growing finished part of the jobs table.
+TALLY = (
+    "tally AS (INSERT INTO job_totals (shard, status, n) SELECT {shard}, status, count(*)"
+    f" FROM {{source}} WHERE {FINAL} GROUP BY status"
+    " ON CONFLICT (shard, status) DO UPDATE SET n = job_totals.n + excluded.n)"
+)
+TOTAL_SHARDS = 16
+
+
+def _job(row: asyncpg.Record) -> Job:
+    job_id = row["id"]
+    channel = row["channel"]
+    return Job(
+        id=job_id,
+        channel=channel,
+        status=JobStatus(row["status"]),
+        message=Message.from_dict(job_id, channel, json.loads(row["message"])),
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        results=json.loads(row["results"]) if row["results"] else {},
+        idempotency_key=row["idempotency_key"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        run_at=row["run_at"],
+    )
+
+
+def _count(status: str) -> int:
+    """Rows touched, from a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def asyncpg_dsn(url: str) -> str:
+    """``postgresql+asyncpg://...`` and ``postgres://...`` as asyncpg takes them."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """asyncpg connection arguments for ``settings``.
+
+    PgBouncer in transaction mode keeps no prepared statements and passes no startup settings,
+    so there the client-side ``command_timeout`` is the only timeout.
+    """
+    timeout = settings.database_statement_timeout
+    options: dict[str, Any] = {
+        "dsn": asyncpg_dsn(settings.database_url),
+        "timeout": timeout,
+        "command_timeout": timeout,
+        "server_settings": {"application_name": "notifier"},
+    }
+    if settings.database_pgbouncer:
+        options["statement_cache_size"] = 0
+    else:
+        options["server_settings"]["statement_timeout"] = str(int(timeout * 1000))
+    return options
+
+
+async def _keep_session(_conn: AnyConnection) -> None:
+    """Pool reset hook: the store keeps no session state (no LISTEN, no session locks,
+    no SET), so the default ``RESET ALL; UNLISTEN *; ...`` round trip per use is skipped."""
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        super().__init__()
+        self.settings = (settings or load_settings()).model_copy(update={"database_url": url})
+        self._timeout = self.settings.database_statement_timeout
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._listener: Listener | None = None
+        self._owner: str | None = None
+        self._liveness: asyncio.Task[None] | None = None
+        self._shard = random.randrange(TOTAL_SHARDS)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        options = connect_options(self.settings)
+        try:
+            self._pool = await asyncpg.create_pool(
+                min_size=1,
+                max_size=self.settings.database_pool_size,
+                max_inactive_connection_lifetime=60,
+                reset=_keep_session,
+                **options,
+            )
+            async with self._connection() as conn:
+                await schema.migrate(conn)
+                await schema.warn_about_upkeep(conn)
+        except DATABASE_ERRORS as exc:
+            await self.close()
+            raise StoreUnavailable(f"postgresql: cannot open: {exc}") from exc
+        except StoreUnavailable:
+            await self.close()
+            raise
+        if not self.settings.database_pgbouncer:
+            self._listener = Listener(
+                lambda: asyncpg.connect(**options),
+                schema.WORK_CHANNEL,
+                self._notify_work,
+                check_interval=self.settings.heartbeat_interval * 5,
+                errors=DATABASE_ERRORS,
+            )
+            self._listener.start()
+
+    async def close(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._liveness
+            self._liveness = None
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
+        if self._owner is not None and self._pool is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._retire(self._owner)
+        self._owner = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except TimeoutError:
+                pool.terminate()
+
+    @asynccontextmanager
+    async def _connection(self, *, transaction: bool = False) -> AsyncIterator[AnyConnection]:
+        """A pooled connection (in a transaction if asked), database errors translated."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except DATABASE_ERRORS as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        batch: dict[str, NewJob] = {}  # the first job of each key, and every job without one
+        for job in jobs:
+            key = job.idempotency_key
+            if key is None or key not in batch:
+                batch[job.message.id if key is None else key] = job
+        rows = list(batch.values())
+        async with self._connection(transaction=True) as conn:
+            inserted = await conn.fetch(
+                "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
+                " updated_at, run_at)"
+                " SELECT j.id, j.channel, 'queued', j.message::jsonb, j.key, now(), now(),"
+                " coalesce(j.run_at, now())"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])"
+                " AS j(id, channel, message, key, run_at)"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+                [job.message.id for job in rows],
+                [job.message.channel for job in rows],
+                [json.dumps(job.message.to_dict()) for job in rows],
+                [job.idempotency_key for job in rows],
+                [job.run_at for job in rows],
+            )
+            stored = {row["idempotency_key"]: row["id"] for row in inserted}
+            conflicts = [
+                job.idempotency_key
+                for job in rows
+                if job.idempotency_key is not None and job.idempotency_key not in stored
+            ]
+            if conflicts:
+                # A statement after the INSERT: its snapshot sees rows that concurrent
+                # transactions committed while the INSERT waited on their keys.
+                found = await conn.fetch(
+                    "SELECT idempotency_key, id FROM jobs WHERE idempotency_key = ANY($1)",
+                    conflicts,
+                )
+                stored.update((row["idempotency_key"], row["id"]) for row in found)
+            if inserted:
+                await conn.execute("SELECT pg_notify($1, '')", schema.WORK_CHANNEL)
+        if inserted:
+            self._notify_work()
+        return [self._answer(job, stored) for job in jobs]
+
+    @staticmethod
+    def _answer(job: NewJob, stored: dict[str, str]) -> Enqueued:
+        if job.idempotency_key is None:
+            return Enqueued(job.message.id)
+        job_id = stored[job.idempotency_key]
+        return Enqueued(job_id, duplicate=job_id != job.message.id)
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    async def claim(
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+    ) -> list[Job]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
+                " lease_until = now() + make_interval(secs => $3), updated_at = now()"
+                f" WHERE {WAITING} AND id = ANY(ARRAY("
+                f"SELECT id FROM jobs WHERE channel = $1 AND {WAITING} AND run_at <= now()"
+                " ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED))"
+                f" RETURNING {COLUMNS}",
+                channel,
+                owner,
+                lease_seconds,
+                limit,
+            )
+        return sorted((_job(row) for row in rows), key=lambda job: (job.run_at, job.id))
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "WITH done AS (UPDATE jobs SET status = o.status, last_error = o.last_error,"
+                " run_at = coalesce(o.run_at, jobs.run_at),"
+                " results = coalesce(o.results::jsonb, jobs.results), updated_at = now(),"
+                " lease_owner = NULL, lease_until = NULL"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
+                " AS o(id, status, last_error, run_at, results)"
+                " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = $6"
+                " RETURNING jobs.id, jobs.status), "
+                + TALLY.format(shard="$7::smallint", source="done")
+                + " SELECT id FROM done",
+                [o.job_id for o in outcomes],
+                [o.status.value for o in outcomes],
+                [o.last_error for o in outcomes],
+                [o.run_at for o in outcomes],
+                [json.dumps(o.results) if o.results else None for o in outcomes],
+                owner,
+                self._shard,
+            )
+        applied = {row["id"] for row in rows}
+        if any(o.status is JobStatus.RETRYING for o in outcomes):
+            self._notify_work()
+        return [o.job_id in applied for o in outcomes]
+
+    async def extend_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE jobs SET lease_until = now() + make_interval(secs => $3)"
+                " WHERE id = ANY($1) AND status = 'sending' AND lease_owner = $2",
+                list(job_ids),
+                owner,
+                lease_seconds,
+            )
+
+    async def release(self, owner: str, job_ids: Sequence[str]) -> None:
+        async with self._connection(transaction=True) as conn:
+            count = await self._requeue(
+                conn,
+                "lease_owner = $2 AND id = ANY($3)",
+                owner,
+                list(job_ids),
+                reason="delivery interrupted by shutdown; it will be tried again",
+            )
+        if count:
+            self._notify_work()
+
+    @staticmethod
+    async def _requeue(conn: AnyConnection, where: str, *params: Any, reason: str) -> int:
+        """Put jobs in flight back in the queue, due now, and wake every instance."""
+        count = _count(
+            await conn.execute(
+                "UPDATE jobs SET status = 'retrying', run_at = now(), updated_at = now(),"
+                " lease_owner = NULL, lease_until = NULL, last_error = $1"
+                f" WHERE status = 'sending' AND {where}",
+                reason,
+                *params,
+            )
+        )
+        if count:
+            await conn.execute("SELECT pg_notify($1, '')", schema.WORK_CHANNEL)
+        return count
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    async def recover(self, *, owner: str) -> int:
+        """Start heartbeating for ``owner`` and reaping for everyone (once now, then every
+        ``heartbeat_interval``); work of live instances is left alone."""
+        self._owner = owner
+        await self._heartbeat(owner)
+        count = await self._reap()
+        if self._liveness is None:
+            self._liveness = asyncio.create_task(self._keep_alive(), name="postgres-liveness")
+        return count
+
+    async def _keep_alive(self) -> None:
+        healthy = True
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                if self._owner is not None:
+                    await self._heartbeat(self._owner)
+                await self._reap()
+            except StoreUnavailable as exc:
+                if healthy:
+                    log.warning("heartbeat: store unavailable: %s", exc)
+                healthy = False
+            else:
+                if not healthy:
+                    log.info("heartbeat: store reachable again")
+                healthy = True
+
+    async def _heartbeat(self, owner: str) -> None:
+        async with self._connection() as conn:
+            first = await conn.fetchval(
+                "INSERT INTO instances (owner) VALUES ($1) ON CONFLICT (owner)"
+                " DO UPDATE SET heartbeat_at = now() RETURNING started_at = heartbeat_at",
+                owner,
+            )
+        if first and self._liveness is not None:
+            log.warning(
+                "instance %s was presumed dead (no heartbeat for %gs): its deliveries in"
+                " flight were handed to other instances and may be sent twice",
+                owner,
+                self.settings.instance_dead_after,
+            )
+
+    async def _reap(self) -> int:
+        """Requeue the work of dead instances and of run-out leases; one reaper at a time."""
+        async with self._connection(transaction=True) as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", schema.REAPER_LOCK):
+                return 0
+            dead_after = self.settings.instance_dead_after
+            count = await self._requeue(
+                conn,
+                "(lease_until < now() OR lease_owner IN (SELECT owner FROM instances"
+                " WHERE heartbeat_at < now() - make_interval(secs => $2)))",
+                dead_after,
+                reason="delivery interrupted: its instance stopped or its lease ran out;"
+                " it will be tried again",
+            )
+            await conn.execute(
+                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                dead_after,
+            )
+        if count:
+            log.warning("requeued %d deliveries left in flight by stopped instances", count)
+            self._notify_work()
+        return count
+
+    async def _retire(self, owner: str) -> None:
+        """At close: give back whatever ``owner`` still holds and leave the instances table."""
+        async with self._connection(transaction=True) as conn:
+            await self._requeue(
+                conn,
+                "lease_owner = $2",
+                owner,
+                reason="delivery interrupted by shutdown; it will be tried again",
+            )
+            await conn.execute("DELETE FROM instances WHERE owner = $1", owner)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return _job(row) if row is not None else None
+
+    async def cancel(self, job_id: str) -> Job | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "WITH cancelled AS (UPDATE jobs SET status = 'cancelled', updated_at = now(),"
+                f" lease_owner = NULL, lease_until = NULL WHERE id = $1 AND NOT {FINAL}"
+                f" RETURNING {COLUMNS}), "
+                + TALLY.format(shard="$2::smallint", source="cancelled")
+                + " SELECT * FROM cancelled",
+                job_id,
+                self._shard,
+            )
+            if row is None:
+                row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return _job(row) if row is not None else None
+
+    async def next_due(self, channel: str) -> datetime | None:
+        async with self._connection() as conn:
+            due: datetime | None = await conn.fetchval(
+                f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {WAITING}", channel
+            )
+        return due
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Work in progress counted on the partial indexes, finished work from job_totals."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT status, count(*) AS n FROM jobs WHERE {WAITING} GROUP BY status"
+                " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
+                " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
+            )
+        counts = dict.fromkeys(JobStatus, 0)
+        counts.update({JobStatus(row["status"]): int(row["n"]) for row in rows})
+        return counts

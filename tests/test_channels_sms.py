@@ -1,0 +1,515 @@
+"""SMS providers: respx for each documented code and status, then a real local gateway."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from notifier.channels.base import Channel
+from notifier.channels.outbox import OutboxChannel
+from notifier.channels.sms import SMSChannel, create_channel
+from notifier.channels.sms.base import retry_after
+from notifier.channels.sms.ihuyi import CODES, Wait, until_next_china_day
+from notifier.errors import (
+    DeliveryConnectionError,
+    DeliveryError,
+    DeliveryTimeout,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from notifier.models import Message
+from notifier.settings import Settings, SettingsError
+from tests.support.http_sink import DROP, HTTPSink, Reply, ihuyi_gateway
+
+IHUYI_URL = "https://106.ihuyi.com/webservice/sms.php?method=Submit"
+TWILIO_URL = "https://api.twilio.com/2010-04-01/Accounts/AC123/Messages.json"
+WEBHOOK_URL = "https://gateway.example.com/sms"
+API_KEY = "k3y-that-must-not-leak"
+
+
+def sms_settings(provider: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"sms_provider": provider, "sms_api_key": API_KEY}
+    values |= {
+        "ihuyi": {"sms_account": "C123"},
+        "twilio": {"sms_account": "AC123", "sms_from": "+15005550006"},
+        "webhook": {"sms_url": WEBHOOK_URL, "sms_from": "ACME"},
+    }[provider]
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def sms(*numbers: str, text: str = "您的验证码是 1234。") -> Message:
+    return Message(id="job1", channel="sms", to=numbers, text=text)
+
+
+@pytest.fixture
+async def ihuyi() -> AsyncIterator[Channel]:
+    channel = create_channel(sms_settings("ihuyi"))
+    yield channel
+    await channel.aclose()
+
+
+def ihuyi_answer(code: int, msg: str = "", smsid: str = "0") -> httpx.Response:
+    return httpx.Response(200, json={"code": code, "msg": msg, "smsid": smsid})
+
+
+def assert_no_secret(error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    chain: BaseException | None = error
+    while chain is not None:
+        assert API_KEY not in str(chain)
+        chain = chain.__cause__ or chain.__context__
+    assert API_KEY not in caplog.text
+
+
+# ihuyi
+
+
+@respx.mock
+async def test_ihuyi_posts_the_form_and_returns_the_smsid(ihuyi: Channel) -> None:
+    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, "提交成功", "1601234567"))
+
+    receipt = await ihuyi.send(sms("+8613800138000"))
+
+    assert receipt.provider_ids == {"+8613800138000": "1601234567"}
+    request = route.calls.last.request
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    form = dict(httpx.QueryParams(request.content.decode()))
+    assert form == {
+        "account": "C123",
+        "password": API_KEY,
+        "mobile": "13800138000",
+        "content": "您的验证码是 1234。",
+        "format": "json",
+    }
+    assert ihuyi.provider == "ihuyi"
+
+
+@respx.mock
+async def test_ihuyi_takes_national_numbers_as_given(ihuyi: Channel) -> None:
+    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, smsid="7"))
+
+    await ihuyi.send(sms("13800138000"))
+
+    assert dict(httpx.QueryParams(route.calls.last.request.content.decode()))["mobile"] == (
+        "13800138000"
+    )
+
+
+@respx.mock
+async def test_ihuyi_refuses_numbers_outside_china(ihuyi: Channel) -> None:
+    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2))
+
+    with pytest.raises(PermanentDeliveryError, match=r"\+14155550101 is not a Chinese"):
+        await ihuyi.send(sms("+14155550101"))
+
+    assert not route.called
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "wait"),
+    [
+        (0, TransientDeliveryError, None),
+        (4080, TransientDeliveryError, None),
+        (4081, TransientDeliveryError, 60.0),
+        (4083, TransientDeliveryError, 60.0),
+        (4086, TransientDeliveryError, None),
+        (4082, TransientDeliveryError, "next day"),
+        (4084, TransientDeliveryError, "next day"),
+        (4085, TransientDeliveryError, "next day"),
+        (400, PermanentDeliveryError, None),
+        (405, PermanentDeliveryError, None),
+        (4030, PermanentDeliveryError, None),
+        (4051, PermanentDeliveryError, None),
+        (4052, PermanentDeliveryError, None),
+        (406, PermanentDeliveryError, None),
+        (407, PermanentDeliveryError, None),
+        (4072, PermanentDeliveryError, None),
+        (408, PermanentDeliveryError, None),
+        (99999, TransientDeliveryError, None),
+    ],
+)
+@respx.mock
+async def test_ihuyi_codes_are_classified(
+    code: int, expected: type[DeliveryError], wait: object, ihuyi: Channel
+) -> None:
+    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(code, "网关说明"))
+
+    with pytest.raises(expected, match=f"ihuyi: code {code} .*: 网关说明") as caught:
+        await ihuyi.send(sms("+8613800138000"))
+
+    if wait == "next day":
+        assert caught.value.retry_after is not None and caught.value.retry_after >= 3600
+    else:
+        assert caught.value.retry_after == wait
+
+
+@pytest.mark.parametrize("code", sorted(CODES))
+@respx.mock
+async def test_every_documented_ihuyi_code_is_handled_as_the_table_says(
+    code: int, ihuyi: Channel
+) -> None:
+    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(code))
+
+    with pytest.raises(DeliveryError) as caught:
+        await ihuyi.send(sms("+8613800138000"))
+
+    wait, meaning = CODES[code]
+    assert caught.value.transient is (wait is not Wait.PERMANENT)
+    assert meaning in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("now", "seconds"),
+    [
+        (datetime(2024, 1, 1, 0, 0, tzinfo=UTC), 16 * 3600),  # 08:00 in China
+        (datetime(2024, 1, 1, 15, 30, tzinfo=UTC), 3600),  # 23:30 in China: at least an hour
+        (datetime(2024, 1, 1, 12, 0, tzinfo=UTC), 4 * 3600),  # 20:00 in China
+    ],
+)
+def test_daily_caps_wait_until_the_next_day_in_china(now: datetime, seconds: float) -> None:
+    assert until_next_china_day(now) == seconds
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "says"),
+    [
+        (httpx.Response(503, headers={"Retry-After": "120"}), TransientDeliveryError, "HTTP 503"),
+        (httpx.Response(502), TransientDeliveryError, "HTTP 502"),
+        (httpx.Response(404), PermanentDeliveryError, "HTTP 404"),
+        (
+            httpx.Response(200, text="<html>maintenance</html>"),
+            TransientDeliveryError,
+            "unreadable",
+        ),
+        (httpx.Response(200, json={"msg": "no code"}), TransientDeliveryError, "unreadable"),
+    ],
+)
+@respx.mock
+async def test_ihuyi_http_failures(
+    answer: httpx.Response, expected: type[DeliveryError], says: str, ihuyi: Channel
+) -> None:
+    respx.post(IHUYI_URL).mock(return_value=answer)
+
+    with pytest.raises(expected, match=says) as caught:
+        await ihuyi.send(sms("+8613800138000"))
+
+    assert caught.value.retry_after == (120.0 if "Retry-After" in answer.headers else None)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (httpx.ConnectTimeout("connect timed out"), DeliveryTimeout),
+        (httpx.ReadTimeout("read timed out"), DeliveryTimeout),
+        (httpx.ConnectError("connection refused"), DeliveryConnectionError),
+        (httpx.RemoteProtocolError("server disconnected"), DeliveryConnectionError),
+    ],
+)
+@respx.mock
+async def test_transport_failures_are_transient_and_keep_the_key_secret(
+    failure: Exception,
+    expected: type[DeliveryError],
+    ihuyi: Channel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    respx.post(IHUYI_URL).mock(side_effect=failure)
+
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(expected, match=r"106\.ihuyi\.com") as caught,
+    ):
+        await ihuyi.send(sms("+8613800138000"))
+
+    assert_no_secret(caught.value, caplog)
+
+
+@respx.mock
+async def test_ihuyi_error_answers_keep_the_key_secret(
+    ihuyi: Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(405, "APIID或APIKEY不正确"))
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(PermanentDeliveryError) as caught:
+        await ihuyi.send(sms("+8613800138000"))
+
+    assert_no_secret(caught.value, caplog)
+    assert API_KEY not in repr(ihuyi.__dict__)
+
+
+# Several numbers
+
+
+@respx.mock
+async def test_each_number_once_and_partial_failure_names_the_delivered(ihuyi: Channel) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        mobile = dict(httpx.QueryParams(request.content.decode()))["mobile"]
+        return {
+            "13800138000": ihuyi_answer(2, smsid="111"),
+            "13900139000": ihuyi_answer(4085, "验证码超限"),
+            "13700137000": ihuyi_answer(406, "手机格式不正确"),
+        }[mobile]
+
+    route = respx.post(IHUYI_URL).mock(side_effect=answer)
+
+    with pytest.raises(TransientDeliveryError, match="2 of 3 numbers failed") as caught:
+        await ihuyi.send(sms("+8613800138000", "+8613900139000", "+8613700137000"))
+
+    assert route.call_count == 3
+    assert caught.value.delivered == {"+8613800138000": "111"}
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 3600
+    assert "+8613700137000: ihuyi: code 406" in caught.value.message
+
+
+@respx.mock
+async def test_only_permanent_failures_fail_for_good(ihuyi: Channel) -> None:
+    respx.post(IHUYI_URL).mock(
+        side_effect=[ihuyi_answer(2, smsid="1"), ihuyi_answer(4030, "黑名单")]
+    )
+
+    with pytest.raises(PermanentDeliveryError, match="1 of 2 numbers failed") as caught:
+        await ihuyi.send(sms("13800138000", "13900139000"))
+
+    assert list(caught.value.delivered.values()) == ["1"]
+
+
+@respx.mock
+async def test_all_numbers_delivered_is_a_receipt(ihuyi: Channel) -> None:
+    respx.post(IHUYI_URL).mock(side_effect=[ihuyi_answer(2, smsid="1"), ihuyi_answer(2, smsid="2")])
+
+    receipt = await ihuyi.send(sms("13800138000", "13900139000"))
+
+    assert sorted(receipt.provider_ids.values()) == ["1", "2"]  # type: ignore[type-var]
+
+
+# Twilio
+
+
+@pytest.mark.parametrize(
+    ("sender", "field"), [("+15005550006", "From"), ("MG0123456789abcdef", "MessagingServiceSid")]
+)
+@respx.mock
+async def test_twilio_posts_with_basic_auth(sender: str, field: str) -> None:
+    route = respx.post(TWILIO_URL).mock(
+        return_value=httpx.Response(201, json={"sid": "SM42", "status": "queued"})
+    )
+    channel = create_channel(sms_settings("twilio", sms_from=sender))
+
+    receipt = await channel.send(sms("+14155550101", text="Your code is 1234"))
+    await channel.aclose()
+
+    assert receipt.provider_ids == {"+14155550101": "SM42"}
+    request = route.calls.last.request
+    assert request.headers["authorization"] == httpx.BasicAuth("AC123", API_KEY)._auth_header
+    assert dict(httpx.QueryParams(request.content.decode())) == {
+        "To": "+14155550101",
+        "Body": "Your code is 1234",
+        field: sender,
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "says", "wait"),
+    [
+        (
+            httpx.Response(400, json={"code": 21211, "message": "Invalid 'To' Phone Number"}),
+            PermanentDeliveryError,
+            "HTTP 400 Bad Request: error 21211: Invalid 'To' Phone Number",
+            None,
+        ),
+        (
+            httpx.Response(401, json={"code": 20003, "message": "Authenticate"}),
+            PermanentDeliveryError,
+            "error 20003",
+            None,
+        ),
+        (
+            httpx.Response(
+                429,
+                json={"code": 20429, "message": "Too Many Requests"},
+                headers={"Retry-After": "30"},
+            ),
+            TransientDeliveryError,
+            "error 20429",
+            30.0,
+        ),
+        (
+            httpx.Response(400, json={"code": 21611, "message": "queue full"}),
+            TransientDeliveryError,
+            "error 21611",
+            None,
+        ),
+        (httpx.Response(500, text="oops"), TransientDeliveryError, "twilio: HTTP 500", None),
+    ],
+)
+@respx.mock
+async def test_twilio_failures(
+    answer: httpx.Response, expected: type[DeliveryError], says: str, wait: float | None
+) -> None:
+    respx.post(TWILIO_URL).mock(return_value=answer)
+    channel = create_channel(sms_settings("twilio"))
+
+    with pytest.raises(expected, match=says.replace("(", r"\(")) as caught:
+        await channel.send(sms("+14155550101"))
+    await channel.aclose()
+
+    assert type(caught.value) is expected
+    assert caught.value.retry_after == wait
+
+
+@respx.mock
+async def test_twilio_success_without_a_readable_sid_is_still_a_success() -> None:
+    respx.post(TWILIO_URL).mock(return_value=httpx.Response(201, text="Created"))
+    channel = create_channel(sms_settings("twilio"))
+
+    receipt = await channel.send(sms("+14155550101"))
+    await channel.aclose()
+
+    assert receipt.provider_ids == {"+14155550101": None}
+
+
+# Webhook
+
+
+@respx.mock
+async def test_webhook_signs_the_raw_body() -> None:
+    route = respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(202))
+    channel = create_channel(sms_settings("webhook"))
+
+    receipt = await channel.send(sms("+8613800138000"))
+    await channel.aclose()
+
+    request = route.calls.last.request
+    assert json.loads(request.content) == {
+        "id": "job1",
+        "to": "+8613800138000",
+        "text": "您的验证码是 1234。",
+        "from": "ACME",
+    }
+    expected = hmac.new(API_KEY.encode(), request.content, hashlib.sha256).hexdigest()
+    assert request.headers["x-notifier-signature"] == f"sha256={expected}"
+    assert receipt.provider_ids == {"+8613800138000": None}
+
+
+@respx.mock
+async def test_webhook_without_secret_sends_no_signature() -> None:
+    route = respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(200))
+    channel = create_channel(sms_settings("webhook", sms_api_key=None))
+
+    await channel.send(sms("+8613800138000"))
+    await channel.aclose()
+
+    assert "x-notifier-signature" not in route.calls.last.request.headers
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (408, TransientDeliveryError),
+        (429, TransientDeliveryError),
+        (500, TransientDeliveryError),
+        (503, TransientDeliveryError),
+        (400, PermanentDeliveryError),
+        (403, PermanentDeliveryError),
+        (422, PermanentDeliveryError),
+    ],
+)
+@respx.mock
+async def test_webhook_statuses(status: int, expected: type[DeliveryError]) -> None:
+    respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(status))
+    channel = create_channel(sms_settings("webhook"))
+
+    with pytest.raises(expected, match=f"webhook: HTTP {status}"):
+        await channel.send(sms("+8613800138000"))
+    await channel.aclose()
+
+
+# Shared rules and settings
+
+
+def test_retry_after_takes_seconds_or_an_http_date() -> None:
+    later = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
+
+    def wait(value: str) -> float | None:
+        return retry_after(httpx.Response(503, headers={"Retry-After": value}))
+
+    assert wait("7") == 7.0
+    assert wait(later) is not None and 3500 < wait(later) <= 3600  # type: ignore[operator]
+    assert wait(past) == 0.0
+    assert wait("soon") is None
+    assert retry_after(httpx.Response(503)) is None
+
+
+@pytest.mark.parametrize(
+    ("provider", "missing", "variable"),
+    [
+        ("ihuyi", "sms_account", "NOTIFIER_SMS_ACCOUNT"),
+        ("ihuyi", "sms_api_key", "NOTIFIER_SMS_API_KEY"),
+        ("twilio", "sms_from", "NOTIFIER_SMS_FROM"),
+        ("webhook", "sms_url", "NOTIFIER_SMS_URL"),
+    ],
+)
+def test_missing_provider_settings_stop_the_start(
+    provider: str, missing: str, variable: str
+) -> None:
+    with pytest.raises(SettingsError, match=f"{variable}: required for the {provider}"):
+        create_channel(sms_settings(provider, **{missing: None}))
+
+
+def test_no_provider_means_the_outbox(tmp_path: Path) -> None:
+    channel = create_channel(Settings(_env_file=None, outbox_dir=tmp_path))  # type: ignore[call-arg]
+
+    assert isinstance(channel, OutboxChannel)
+    assert channel.simulated
+
+
+# End to end against a real local gateway
+
+
+async def test_ihuyi_against_a_local_gateway(http_sink: HTTPSink) -> None:
+    http_sink.respond_with(ihuyi_gateway(codes={"13900139000": 4082}))
+    url = http_sink.url + "/webservice/sms.php?method=Submit"
+    channel = create_channel(sms_settings("ihuyi", sms_url=url))
+    assert isinstance(channel, SMSChannel)
+
+    receipt = await channel.send(sms("+8613800138000"))
+    with pytest.raises(TransientDeliveryError, match="code 4082") as caught:
+        await channel.send(sms("+8613700137000", "+8613900139000"))
+    await channel.aclose()
+
+    first, second, third = http_sink.wait_for_requests(3)
+    assert receipt.provider_ids == {"+8613800138000": "0000000000000001"}
+    assert caught.value.delivered == {"+8613700137000": "0000000000000002"}
+    assert first.path == "/webservice/sms.php?method=Submit"
+    assert first.form()["content"] == "您的验证码是 1234。"
+    assert {second.form()["mobile"], third.form()["mobile"]} == {"13700137000", "13900139000"}
+
+
+async def test_webhook_against_a_local_gateway(http_sink: HTTPSink) -> None:
+    http_sink.answer(Reply(503, headers={"Retry-After": "9"}), DROP)
+    channel = create_channel(sms_settings("webhook", sms_url=http_sink.url + "/hook"))
+
+    with pytest.raises(TransientDeliveryError, match="HTTP 503") as busy:
+        await channel.send(sms("+14155550101"))
+    with pytest.raises(DeliveryConnectionError, match=r"127\.0\.0\.1"):
+        await channel.send(sms("+14155550101"))
+    await channel.send(sms("+14155550101"))
+    await channel.aclose()
+
+    requests = http_sink.wait_for_requests(3)
+    assert busy.value.retry_after == 9.0
+    body = requests[-1].body
+    expected = hmac.new(API_KEY.encode(), body, hashlib.sha256).hexdigest()
+    assert requests[-1].headers["x-notifier-signature"] == f"sha256={expected}"
+    assert json.loads(body)["to"] == "+14155550101"

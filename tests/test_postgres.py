@@ -1,0 +1,277 @@
+"""What only the PostgreSQL store promises, beyond the contract in test_store.py: migrations,
+several instances on one database (idempotency, claims, takeover by liveness, wake-ups),
+outages, and plans that do not depend on fresh statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from notifier.cli import main as cli_main
+from notifier.models import JobStatus, NewJob, Outcome
+from notifier.store import StoreUnavailable
+from notifier.store.postgres import PostgresStore
+from notifier.store.postgres.schema import LATEST, warn_about_upkeep
+from tests.support.postgres import database_name, terminate_backends
+from tests.support.server import free_port, isolated_settings
+from tests.support.waiting import wait_for
+from tests.test_store import LONG, new_job
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def stores(postgres_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    """``await open_instance(**settings)``: an opened store, closed at the end of the test."""
+    async with AsyncExitStack() as stack:
+
+        async def open_instance(**overrides: Any) -> PostgresStore:
+            settings = isolated_settings(tmp_path, database_url=postgres_url, **overrides)
+            store = PostgresStore(postgres_url, settings)
+            await store.open()
+            stack.push_async_callback(store.close)
+            return store
+
+        yield open_instance
+
+
+async def query(url: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+async def test_instances_starting_together_migrate_once(stores: Any, postgres_url: str) -> None:
+    await asyncio.gather(*(stores() for _ in range(4)))
+    versions = await query(postgres_url, "SELECT array_agg(version) FROM schema_migrations")
+    assert versions == list(range(1, LATEST + 1))
+
+
+async def test_a_schema_newer_than_the_code_is_refused(stores: Any, postgres_url: str) -> None:
+    await stores()
+    await query(postgres_url, "INSERT INTO schema_migrations VALUES ($1, 'future')", LATEST + 1)
+    with pytest.raises(StoreUnavailable, match="newer than this notifier"):
+        await stores()
+
+
+def test_migrate_command_applies_and_then_checks(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NOTIFIER_DATABASE_URL", postgres_url)
+    assert cli_main(["migrate", "--check"]) == 1
+    assert cli_main(["migrate"]) == 0
+    assert cli_main(["migrate", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"applied migration {LATEST}" in out and f"schema is at version {LATEST}" in out
+
+
+async def test_jobs_table_vacuums_and_analyzes_early(stores: Any, postgres_url: str) -> None:
+    await stores()
+    options = await query(postgres_url, "SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
+    assert "autovacuum_vacuum_scale_factor=0.01" in options
+    assert "autovacuum_analyze_scale_factor=0.02" in options
+
+
+async def test_warns_when_autovacuum_is_off(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        enabled = await conn.fetchval("SELECT current_setting('autovacuum') = 'on'")
+        with caplog.at_level(logging.WARNING):
+            assert await warn_about_upkeep(conn) is enabled
+    finally:
+        await conn.close()
+    assert ("autovacuum is off" in caplog.text) is not enabled
+
+
+async def test_due_work_is_found_on_its_index_without_fresh_statistics(
+    stores: Any, postgres_url: str
+) -> None:
+    """Statistics are those of the empty table; 50,000 finished rows arrive unanalyzed."""
+    await stores()
+    await query(
+        postgres_url,
+        "INSERT INTO jobs (id, channel, status, message, created_at, updated_at, run_at)"
+        " SELECT md5(g::text), 'sms', 'delivered', '{}', now(), now(), now()"
+        " FROM generate_series(1, 50000) g",
+    )
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        plan = "\n".join(
+            row[0]
+            for row in await conn.fetch(
+                "EXPLAIN SELECT id FROM jobs WHERE channel = 'sms'"
+                " AND status IN ('queued', 'retrying') AND run_at <= now()"
+                " ORDER BY run_at, id LIMIT 32 FOR UPDATE SKIP LOCKED"
+            )
+        )
+    finally:
+        await conn.close()
+    assert "jobs_due" in plan and "Seq Scan" not in plan, plan
+
+
+# -- several instances -------------------------------------------------------------------------
+
+
+async def test_the_same_key_sent_to_two_instances_is_stored_once(stores: Any) -> None:
+    a, b = await stores(), await stores()
+    keys = [f"k{i}" for i in range(200)]
+    from_a = [new_job(key=key) for key in keys]
+    from_b = [new_job(key=key) for key in keys]
+    answers_a, answers_b = await asyncio.gather(
+        *(store.enqueue(jobs) for store, jobs in ((a, from_a), (b, from_b)))
+    )
+    for x, y in zip(answers_a, answers_b, strict=True):
+        assert x.id == y.id and x.duplicate != y.duplicate
+    assert (await a.count_by_status())[JobStatus.QUEUED] == len(keys)
+
+
+async def test_instances_claiming_together_never_share_a_job(stores: Any) -> None:
+    instances = [await stores() for _ in range(3)]
+    ids = {answer.id for answer in await instances[0].enqueue([new_job() for _ in range(300)])}
+    claimed: list[str] = []
+
+    async def drain(store: PostgresStore, owner: str) -> None:
+        while jobs := await store.claim("sms", owner=owner, limit=7, lease_seconds=LONG):
+            claimed.extend(job.id for job in jobs)
+
+    await asyncio.gather(*(drain(s, f"o{i}") for i, s in enumerate(instances)))
+    assert sorted(claimed) == sorted(ids)
+
+
+async def test_work_of_a_dead_instance_is_taken_over_and_a_live_ones_is_not(
+    stores: Any, postgres_url: str
+) -> None:
+    survivor, other = await stores(), await stores()
+    await other.recover(owner="alive")
+    await survivor.enqueue([new_job(), new_job()])
+    (dead_job,) = await survivor.claim("sms", owner="dead", limit=1, lease_seconds=LONG)
+    (live_job,) = await survivor.claim("sms", owner="alive", limit=1, lease_seconds=LONG)
+    await query(
+        postgres_url,
+        "INSERT INTO instances (owner, heartbeat_at) VALUES ('dead', now() - interval '1 hour')",
+    )
+    assert await survivor.recover(owner="survivor") == 1
+    taken = await survivor.get(dead_job.id)
+    assert taken is not None and taken.status is JobStatus.RETRYING
+    assert await survivor.record("dead", [Outcome(dead_job.id, JobStatus.DELIVERED)]) == [False]
+    assert await other.record("alive", [Outcome(live_job.id, JobStatus.DELIVERED)]) == [True]
+    assert await query(postgres_url, "SELECT count(*) FROM instances WHERE owner = 'dead'") == 0
+
+
+async def test_heartbeats_keep_coming_and_stop_at_close(stores: Any, postgres_url: str) -> None:
+    store = await stores(heartbeat_interval=0.05)
+    await store.recover(owner="beating")
+    beat = "SELECT heartbeat_at FROM instances WHERE owner = 'beating'"
+    first = await query(postgres_url, beat)
+
+    async def beat_again() -> bool:
+        return bool(await query(postgres_url, beat) > first)
+
+    await wait_for(beat_again, what="a second heartbeat")
+    await store.close()
+    assert await query(postgres_url, beat) is None
+
+
+async def test_close_gives_back_what_the_instance_still_holds(stores: Any) -> None:
+    leaving, staying = await stores(), await stores()
+    await leaving.recover(owner="leaving")
+    (job_id,) = [a.id for a in await leaving.enqueue([new_job()])]
+    await leaving.claim("sms", owner="leaving", limit=1, lease_seconds=LONG)
+    await leaving.close()
+    (job,) = await staying.claim("sms", owner="staying", limit=1, lease_seconds=LONG)
+    assert (job.id, job.attempts) == (job_id, 2)
+
+
+async def test_work_sent_to_one_instance_wakes_the_others(stores: Any) -> None:
+    sender, idle = await stores(), await stores()
+    woken = asyncio.Event()
+    idle.on_work(woken.set)
+    await wait_for(lambda: idle._listener is not None and idle._listener.connected.is_set())
+    woken.clear()
+    await sender.enqueue([new_job()])
+    await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_the_listener_reconnects_after_its_connection_is_killed(
+    stores: Any, postgres_admin_url: str, postgres_url: str
+) -> None:
+    sender, idle = await stores(), await stores()
+    woken = asyncio.Event()
+    idle.on_work(woken.set)
+    listener = idle._listener
+    assert listener is not None
+    await wait_for(listener.connected.is_set, what="the listener")
+    await terminate_backends(postgres_admin_url, database_name(postgres_url))
+    await wait_for(lambda: not listener.connected.is_set(), what="the listener to notice")
+    await wait_for(listener.connected.is_set, what="the listener to reconnect")
+    woken.clear()
+    await wait_for(lambda: _enqueue_ignoring_outage(sender), what="an enqueue after the kill")
+    await asyncio.wait_for(woken.wait(), 10)
+
+
+# -- outages -----------------------------------------------------------------------------------
+
+
+async def _enqueue_ignoring_outage(store: PostgresStore, *jobs: NewJob) -> bool:
+    try:
+        await store.enqueue(list(jobs) or [new_job()])
+    except StoreUnavailable:
+        return False
+    return True
+
+
+async def test_killed_connections_fail_as_unavailable_then_recover(
+    stores: Any, postgres_admin_url: str, postgres_url: str
+) -> None:
+    store = await stores()
+    await store.enqueue([new_job()])
+    await terminate_backends(postgres_admin_url, database_name(postgres_url))
+    outcomes: list[BaseException | None] = []
+    for _ in range(3):
+        try:
+            await store.count_by_status()
+            outcomes.append(None)
+        except StoreUnavailable as exc:
+            outcomes.append(exc)
+    assert outcomes[-1] is None, "the pool did not reconnect"
+    assert (await store.count_by_status())[JobStatus.QUEUED] == 1
+
+
+async def test_an_unreachable_server_is_unavailable(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    store = PostgresStore(url, isolated_settings(tmp_path, database_url=url))
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+    with pytest.raises(StoreUnavailable):
+        await store.enqueue([new_job()])
+
+
+async def test_a_statement_stuck_on_a_lock_times_out_as_unavailable(
+    stores: Any, postgres_url: str
+) -> None:
+    store = await stores(database_statement_timeout=0.3)
+    (answer,) = await store.enqueue([new_job()])
+    blocker = await asyncpg.connect(postgres_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", answer.id)
+            with pytest.raises(StoreUnavailable):
+                await store.cancel(answer.id)
+    finally:
+        await blocker.close()
+    cancelled = await store.cancel(answer.id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED

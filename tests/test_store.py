@@ -1,0 +1,382 @@
+"""The store contract, one suite for every backend: SQLite (a real file) and PostgreSQL.
+
+Each verb and each state change, as ``notifier.store.base`` promises them. Leases that have
+already run out are made with a negative lease, so no test waits on a clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome, utcnow
+from notifier.settings import Settings
+from notifier.store import Store, open_store
+from tests.support.server import isolated_settings
+
+LONG = 300.0
+EXPIRED = -1.0
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("postgres-pgbouncer", marks=pytest.mark.postgres),
+    ]
+)
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """SQLite in a real file; PostgreSQL directly, and as configured behind PgBouncer."""
+    if request.param == "sqlite":
+        return isolated_settings(tmp_path, database_url=f"sqlite:///{tmp_path}/notifier.db")
+    url: str = request.getfixturevalue("postgres_url")
+    pgbouncer = request.param.endswith("pgbouncer")
+    return isolated_settings(tmp_path, database_url=url, database_pgbouncer=pgbouncer)
+
+
+@pytest.fixture
+async def store(store_settings: Settings) -> AsyncIterator[Store]:
+    opened = open_store(store_settings.database_url, store_settings)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def new_job(
+    channel: str = "sms", *, key: str | None = None, delay: float | None = None, **fields: Any
+) -> NewJob:
+    job_id = uuid.uuid4().hex
+    message = Message(id=job_id, channel=channel, to=("+14155550101",), text="hi", **fields)
+    run_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
+    return NewJob(message=message, idempotency_key=key, run_at=run_at)
+
+
+async def add(store: Store, *jobs: NewJob) -> list[str]:
+    answers = await store.enqueue(jobs or [new_job()])
+    return [answer.id for answer in answers]
+
+
+async def claim(store: Store, owner: str = "me", *, limit: int = 10, lease: float = LONG) -> Job:
+    """Claim exactly one job."""
+    (job,) = await store.claim("sms", owner=owner, limit=limit, lease_seconds=lease)
+    return job
+
+
+async def status(store: Store, job_id: str) -> JobStatus:
+    job = await store.get(job_id)
+    assert job is not None
+    return job.status
+
+
+# -- enqueue -----------------------------------------------------------------------------------
+
+
+async def test_enqueue_stores_a_queued_job_with_its_message(store: Store) -> None:
+    job = new_job(
+        "email",
+        key="k-1",
+        subject="Grüße",
+        html="<p>hi</p>",
+        cc=("a@example.com",),
+        bcc=("b@example.com",),
+        reply_to=("张三 <zhang.san@example.com>",),
+        extra={"tag": "welcome"},
+    )
+    before = utcnow() - timedelta(seconds=1)
+    assert await store.enqueue([job]) == [Enqueued(job.message.id)]
+    stored = await store.get(job.message.id)
+    assert stored is not None
+    assert stored.message == job.message
+    assert (stored.channel, stored.status, stored.attempts) == ("email", JobStatus.QUEUED, 0)
+    assert stored.idempotency_key == "k-1"
+    assert stored.last_error is None and stored.results == {}
+    assert before <= stored.created_at <= stored.updated_at <= utcnow()
+    assert stored.run_at <= utcnow()
+
+
+async def test_enqueue_answers_each_job_in_order(store: Store) -> None:
+    jobs = [new_job() for _ in range(5)]
+    assert await store.enqueue(jobs) == [Enqueued(job.message.id) for job in jobs]
+    assert await store.enqueue([]) == []
+    assert (await store.count_by_status())[JobStatus.QUEUED] == 5
+
+
+async def test_idempotency_key_repeated_within_one_batch(store: Store) -> None:
+    first, again, other = new_job(key="k"), new_job(key="k"), new_job()
+    answers = await store.enqueue([first, again, other])
+    assert answers == [
+        Enqueued(first.message.id),
+        Enqueued(first.message.id, duplicate=True),
+        Enqueued(other.message.id),
+    ]
+    assert await store.get(again.message.id) is None
+    assert (await store.count_by_status())[JobStatus.QUEUED] == 2
+
+
+async def test_idempotency_key_repeated_in_a_later_batch(store: Store) -> None:
+    (first,) = await add(store, new_job(key="k"))
+    later = [new_job(), new_job(key="k"), new_job(key="k")]
+    answers = await store.enqueue(later)
+    assert answers[1:] == [Enqueued(first, duplicate=True)] * 2
+    assert not answers[0].duplicate
+    assert (await store.count_by_status())[JobStatus.QUEUED] == 2
+
+
+async def test_idempotency_holds_after_the_job_is_finished(store: Store) -> None:
+    (first,) = await add(store, new_job(key="k"))
+    await store.record("me", [Outcome((await claim(store)).id, JobStatus.DELIVERED)])
+    assert await store.enqueue([new_job(key="k")]) == [Enqueued(first, duplicate=True)]
+
+
+async def test_enqueue_wakes_listeners(store: Store) -> None:
+    woken: list[bool] = []
+    store.on_work(lambda: woken.append(True))
+    await store.enqueue([new_job()])
+    assert woken
+
+
+async def test_jobs_survive_reopening(store: Store, store_settings: Settings) -> None:
+    (job_id,) = await add(store)
+    await store.close()
+    reopened = open_store(store_settings.database_url, store_settings)
+    await reopened.open()
+    try:
+        assert await status(reopened, job_id) is JobStatus.QUEUED
+    finally:
+        await reopened.close()
+
+
+# -- send_at and next_due ----------------------------------------------------------------------
+
+
+async def test_send_at_in_the_future_is_not_claimed_until_due(store: Store) -> None:
+    job = new_job(delay=3600)
+    await add(store, job)
+    assert await store.claim("sms", owner="me", limit=10, lease_seconds=LONG) == []
+    assert await store.next_due("sms") == job.run_at
+
+
+async def test_send_at_in_the_past_is_due_at_once(store: Store) -> None:
+    (job_id,) = await add(store, new_job(delay=-60))
+    assert (await claim(store)).id == job_id
+
+
+async def test_next_due_is_the_earliest_waiting_job_of_the_channel(store: Store) -> None:
+    assert await store.next_due("sms") is None
+    early, late = new_job(delay=60), new_job(delay=120)
+    await add(store, late, early, new_job("email", delay=1))
+    assert await store.next_due("sms") == early.run_at
+    await add(store, new_job(delay=-5))
+    await claim(store)  # the due one is sending now: no longer waiting
+    assert await store.next_due("sms") == early.run_at
+    assert await store.next_due("push") is None
+
+
+# -- claim -------------------------------------------------------------------------------------
+
+
+async def test_claim_takes_due_jobs_oldest_first_up_to_the_limit(store: Store) -> None:
+    second, first, third = new_job(delay=-20), new_job(delay=-30), new_job(delay=-10)
+    await add(store, second, first, third, new_job("email"))
+    claimed = await store.claim("sms", owner="me", limit=2, lease_seconds=LONG)
+    assert [job.id for job in claimed] == [first.message.id, second.message.id]
+    assert all(j.status is JobStatus.SENDING and j.attempts == 1 for j in claimed)
+    assert [
+        job.id for job in await store.claim("sms", owner="me", limit=5, lease_seconds=LONG)
+    ] == [third.message.id]
+    assert await store.claim("sms", owner="me", limit=5, lease_seconds=LONG) == []
+
+
+async def test_a_claimed_job_is_not_claimed_again_by_anyone(store: Store) -> None:
+    (job_id,) = await add(store)
+    assert (await claim(store, "a")).id == job_id
+    assert await store.claim("sms", owner="b", limit=10, lease_seconds=LONG) == []
+    assert await status(store, job_id) is JobStatus.SENDING
+
+
+# -- record ------------------------------------------------------------------------------------
+
+
+async def test_record_delivered(store: Store) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    results = {"delivered": {"+14155550101": "SM1"}}
+    assert await store.record("me", [Outcome(job_id, JobStatus.DELIVERED, results=results)]) == [
+        True
+    ]
+    job = await store.get(job_id)
+    assert job is not None
+    assert (job.status, job.attempts, job.results) == (JobStatus.DELIVERED, 1, results)
+    assert await store.claim("sms", owner="me", limit=10, lease_seconds=LONG) == []
+
+
+async def test_record_retrying_keeps_the_job_and_its_results_until_it_is_due(
+    store: Store,
+) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    later = utcnow() + timedelta(hours=1)
+    results = {"delivered": {"+14155550101": None}}
+    outcome = Outcome(job_id, JobStatus.RETRYING, last_error="busy", run_at=later, results=results)
+    assert await store.record("me", [outcome]) == [True]
+    job = await store.get(job_id)
+    assert job is not None
+    assert (job.status, job.last_error, job.run_at, job.results) == (
+        JobStatus.RETRYING,
+        "busy",
+        later,
+        results,
+    )
+    assert await store.claim("sms", owner="me", limit=10, lease_seconds=LONG) == []
+    assert await store.next_due("sms") == later
+
+
+async def test_a_due_retry_is_claimed_again_with_one_more_attempt(store: Store) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    past = utcnow() - timedelta(seconds=1)
+    await store.record("me", [Outcome(job_id, JobStatus.RETRYING, last_error="x", run_at=past)])
+    again = await claim(store, "other")
+    assert (again.id, again.attempts, again.last_error) == (job_id, 2, "x")
+
+
+async def test_record_failed(store: Store) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    assert await store.record("me", [Outcome(job_id, JobStatus.FAILED, last_error="bad")]) == [True]
+    job = await store.get(job_id)
+    assert job is not None
+    assert (job.status, job.last_error) == (JobStatus.FAILED, "bad")
+
+
+async def test_record_applies_only_to_jobs_the_owner_still_holds(store: Store) -> None:
+    mine_id, theirs_id, waiting_id = await add(
+        store, new_job(delay=-2), new_job(delay=-1), new_job(delay=60)
+    )
+    await store.claim("sms", owner="me", limit=1, lease_seconds=LONG)
+    await store.claim("sms", owner="them", limit=1, lease_seconds=LONG)
+    outcomes = [Outcome(i, JobStatus.DELIVERED) for i in (mine_id, theirs_id, waiting_id)]
+    assert await store.record("me", outcomes) == [True, False, False]
+    assert await status(store, theirs_id) is JobStatus.SENDING
+    assert await status(store, waiting_id) is JobStatus.QUEUED
+
+
+async def test_record_twice_applies_once(store: Store) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    assert await store.record("me", [Outcome(job_id, JobStatus.DELIVERED)]) == [True]
+    assert await store.record("me", [Outcome(job_id, JobStatus.FAILED)]) == [False]
+    assert await status(store, job_id) is JobStatus.DELIVERED
+
+
+# -- leases: extend, release, recover ----------------------------------------------------------
+
+
+async def test_release_puts_the_job_back_due_now(store: Store) -> None:
+    (job_id,) = await add(store)
+    await claim(store)
+    await store.release("them", [job_id])
+    assert await status(store, job_id) is JobStatus.SENDING, "not theirs to release"
+    await store.release("me", [job_id])
+    job = await store.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.RETRYING and job.last_error
+    again = await claim(store, "other")
+    assert (again.id, again.attempts) == (job_id, 2)
+
+
+async def test_recover_requeues_run_out_leases_and_keeps_live_ones(store: Store) -> None:
+    expired_id, live_id = await add(store, new_job(delay=-2), new_job(delay=-1))
+    await store.claim("sms", owner="me", limit=1, lease_seconds=EXPIRED)
+    await store.claim("sms", owner="me", limit=1, lease_seconds=LONG)
+    assert await store.recover(owner="me") == 1
+    assert await status(store, expired_id) is JobStatus.RETRYING
+    assert await status(store, live_id) is JobStatus.SENDING
+    assert (await claim(store, "other")).id == expired_id
+
+
+async def test_extend_leases_keeps_a_slow_delivery_from_being_taken_over(store: Store) -> None:
+    mine_id, theirs_id = await add(store, new_job(delay=-2), new_job(delay=-1))
+    await store.claim("sms", owner="me", limit=1, lease_seconds=EXPIRED)
+    await store.claim("sms", owner="them", limit=1, lease_seconds=EXPIRED)
+    await store.extend_leases("me", [mine_id, theirs_id], LONG)
+    assert await store.recover(owner="me") == 1
+    assert await status(store, mine_id) is JobStatus.SENDING
+    assert await status(store, theirs_id) is JobStatus.RETRYING
+    assert await store.record("me", [Outcome(mine_id, JobStatus.DELIVERED)]) == [True]
+
+
+# -- cancel, get, counts -----------------------------------------------------------------------
+
+
+async def _job_in(store: Store, wanted: JobStatus) -> str:
+    (job_id,) = await add(store)
+    if wanted is JobStatus.QUEUED:
+        return job_id
+    await claim(store)
+    if wanted is JobStatus.SENDING:
+        return job_id
+    if wanted is JobStatus.CANCELLED:
+        await store.cancel(job_id)
+        return job_id
+    run_at = utcnow() + timedelta(hours=1) if wanted is JobStatus.RETRYING else None
+    await store.record("me", [Outcome(job_id, wanted, last_error="e", run_at=run_at)])
+    return job_id
+
+
+@pytest.mark.parametrize("state", [JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.SENDING])
+async def test_cancel_a_job_not_finished(store: Store, state: JobStatus) -> None:
+    job_id = await _job_in(store, state)
+    assert await status(store, job_id) is state
+    cancelled = await store.cancel(job_id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert await status(store, job_id) is JobStatus.CANCELLED
+    assert await store.claim("sms", owner="x", limit=10, lease_seconds=LONG) == []
+    assert await store.record("me", [Outcome(job_id, JobStatus.DELIVERED)]) == [False]
+    assert await store.next_due("sms") is None
+
+
+@pytest.mark.parametrize("state", [JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.CANCELLED])
+async def test_cancel_a_finished_job_changes_nothing(store: Store, state: JobStatus) -> None:
+    job_id = await _job_in(store, state)
+    before = await store.get(job_id)
+    assert before is not None and before.status is state
+    assert await store.cancel(job_id) == before
+
+
+async def test_unknown_ids(store: Store) -> None:
+    assert await store.get("nope") is None
+    assert await store.cancel("nope") is None
+
+
+async def test_count_by_status_counts_every_state(store: Store) -> None:
+    assert await store.count_by_status() == dict.fromkeys(JobStatus, 0)
+    for state, n in [  # queued last: _job_in claims the one due job it has just added
+        (JobStatus.SENDING, 2),
+        (JobStatus.RETRYING, 1),
+        (JobStatus.DELIVERED, 3),
+        (JobStatus.FAILED, 1),
+        (JobStatus.CANCELLED, 2),
+        (JobStatus.QUEUED, 1),
+    ]:
+        for _ in range(n):
+            await _job_in(store, state)
+    assert await store.count_by_status() == {
+        JobStatus.QUEUED: 1,
+        JobStatus.SENDING: 2,
+        JobStatus.RETRYING: 1,
+        JobStatus.DELIVERED: 3,
+        JobStatus.FAILED: 1,
+        JobStatus.CANCELLED: 2,
+    }
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()

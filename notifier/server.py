@@ -91,6 +91,7 @@ class _Connection:
     last_active: float = field(default_factory=time.monotonic)
     close_reason: str | None = None
     bucket: _TokenBucket | None = None
+    peer_gone: bool = False
 
 
 def _job_answer(job: Job | None, ref: Any) -> dict[str, Any]:
@@ -352,23 +353,46 @@ class Server:
         return {"ids": ids}
 
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
-        """Write answers in order; once the peer is gone, keep consuming so the reader never
-        blocks on a full queue (the sends behind those answers are committed all the same)."""
+        """Write answers in order, coalescing the ones that are ready into one write (a syscall
+        per answer costs more than the whole rest of a pipelined send).
+
+        Once the peer is gone, keep consuming so the reader never blocks on a full queue; the
+        sends behind those answers are committed all the same.
+        """
         queue = connection.answers
-        connected = True
-        while (item := await queue.get()) is not None:
-            answer = await _resolve(item) if isinstance(item, tuple) else item
+        ready: list[bytes] = []
+        while True:
+            if ready and queue.empty():
+                await self._write(connection, writer, ready, drain=True)
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, tuple):
+                if ready and not item[0].done():
+                    await self._write(connection, writer, ready, drain=False)
+                answer = await _resolve(item)
+            else:
+                answer = item
             if not answer["ok"]:
                 self.metrics.rejected.labels(answer["error"]["code"]).inc()
-            if not connected:
-                continue
-            try:
-                writer.write(encode(answer))
-                if queue.empty():
-                    await writer.drain()
-            except (ConnectionError, ssl.SSLError):
-                connected = False
-            connection.last_active = time.monotonic()
+            ready.append(encode(answer))
+        await self._write(connection, writer, ready, drain=True)
+
+    @staticmethod
+    async def _write(
+        connection: _Connection, writer: asyncio.StreamWriter, ready: list[bytes], *, drain: bool
+    ) -> None:
+        data = b"".join(ready)
+        ready.clear()
+        if connection.peer_gone:
+            return
+        try:
+            writer.write(data)
+            if drain:
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            connection.peer_gone = True
+        connection.last_active = time.monotonic()
 
 
 def _sent(done: Enqueued, ref: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,8 @@ def build_context(destination: Path) -> Path:
             if not dockerignored((relative / name).as_posix(), patterns):
                 target = destination / relative / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(Path(folder) / name, target)
+                with suppress(FileNotFoundError):  # a file someone's tool just removed
+                    shutil.copy2(Path(folder) / name, target)
     return destination
 
 

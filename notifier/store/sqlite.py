@@ -8,13 +8,11 @@ known to belong to a dead predecessor and goes back to the queue at once, not af
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -72,6 +70,7 @@ def _moment(epoch: float) -> datetime:
 
 
 def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
+    """A row of COLUMNS as a Job; ``message`` and ``results`` are JSON text."""
     (
         job_id,
         channel,
@@ -106,7 +105,6 @@ class SQLiteStore(Store):
         self.path = database_path(url)
         self._db: aiosqlite.Connection | None = None
         self._lock_file: IO[bytes] | None = None
-        self._mutex = asyncio.Lock()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,74 +146,65 @@ class SQLiteStore(Store):
             raise StoreUnavailable("the store is not open")
         return self._db
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One writer at a time on the shared connection; BEGIN IMMEDIATE ... COMMIT."""
-        async with self._mutex:
-            db = self.db
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
-            except (sqlite3.Error, ValueError) as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+    async def _run(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One statement, which in autocommit mode is one atomic, durable transaction.
 
-    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._mutex:
-            try:
-                return list(await self.db.execute_fetchall(sql, params))
-            except (sqlite3.Error, ValueError) as exc:
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+        Every verb is a single statement on purpose: one hop to aiosqlite's thread and one
+        fsync per call, and no multi-statement transaction to interleave on the connection.
+        """
+        try:
+            return list(await self.db.execute_fetchall(sql, params))
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return cursor.rowcount
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def ping(self) -> None:
-        await self._query("SELECT 1")
+        await self._run("SELECT 1")
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         now = time.time()
-        keys = [job.idempotency_key for job in jobs if job.idempotency_key is not None]
-        async with self._transaction() as db:
-            known = await self._ids_for_keys(db, keys)
-            answers: list[Enqueued] = []
-            rows = []
-            for job in jobs:
-                key = job.idempotency_key
-                if key is not None and key in known:
-                    answers.append(Enqueued(known[key], duplicate=True))
-                    continue
-                message = job.message
-                if key is not None:
-                    known[key] = message.id
-                run_at = job.run_at.timestamp() if job.run_at else now
-                rows.append(
-                    (
-                        message.id,
-                        message.channel,
-                        json.dumps(message.to_dict()),
-                        key,
-                        now,
-                        now,
-                        run_at,
-                    )
-                )
-                answers.append(Enqueued(message.id))
-            await db.executemany(
-                "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
-                " updated_at, run_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                rows,
-            )
-        if rows:
+        rows = [
+            [
+                job.message.id,
+                job.message.channel,
+                job.message.to_dict(),
+                job.idempotency_key,
+                job.run_at.timestamp() if job.run_at else now,
+            ]
+            for job in jobs
+        ]
+        # A key already stored, or given twice in this batch, conflicts and is skipped.
+        inserted = await self._run(
+            "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
+            " updated_at, run_at) SELECT json_extract(value, '$[0]'),"
+            " json_extract(value, '$[1]'), 'queued', json_extract(value, '$[2]'),"
+            " json_extract(value, '$[3]'), ?1, ?1, json_extract(value, '$[4]')"
+            " FROM json_each(?2) WHERE true"
+            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            (now, json.dumps(rows)),
+        )
+        new_ids = {row[0] for row in inserted}
+        if new_ids:
             self._notify_work()
-        return answers
+        skipped = [j.idempotency_key for j in jobs if j.message.id not in new_ids]
+        known = await self._ids_for_keys([key for key in skipped if key is not None])
+        return [
+            Enqueued(job.message.id)
+            if job.message.id in new_ids
+            else Enqueued(known[job.idempotency_key or ""], duplicate=True)
+            for job in jobs
+        ]
 
-    @staticmethod
-    async def _ids_for_keys(db: aiosqlite.Connection, keys: list[str]) -> dict[str, str]:
+    async def _ids_for_keys(self, keys: list[str]) -> dict[str, str]:
         if not keys:
             return {}
-        rows = await db.execute_fetchall(
+        rows = await self._run(
             "SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN"
             " (SELECT value FROM json_each(?))",
             (json.dumps(keys),),
@@ -226,18 +215,16 @@ class SQLiteStore(Store):
         self, channel: str, *, owner: str, limit: int, lease_seconds: float
     ) -> list[Job]:
         now = time.time()
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(
-                f"UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?,"
-                f" lease_until = ?, updated_at = ? WHERE id IN (SELECT id FROM jobs"
-                f" WHERE channel = ? AND {WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
-                f" RETURNING {COLUMNS}",
-                (owner, now + lease_seconds, now, channel, now, limit),
-            )
+        rows = await self._run(
+            f"UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?,"
+            f" lease_until = ?, updated_at = ? WHERE id IN (SELECT id FROM jobs"
+            f" WHERE channel = ? AND {WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
+            f" RETURNING {COLUMNS}",
+            (owner, now + lease_seconds, now, channel, now, limit),
+        )
         return sorted((_row_to_job(row) for row in rows), key=lambda job: job.run_at)
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
-        now = time.time()
         payload = json.dumps(
             [
                 {
@@ -250,33 +237,31 @@ class SQLiteStore(Store):
                 for o in outcomes
             ]
         )
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(
-                "UPDATE jobs SET status = o.status, last_error = o.last_error,"
-                " run_at = coalesce(o.run_at, jobs.run_at),"
-                " results = coalesce(o.results, jobs.results), updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL"
-                " FROM (SELECT json_extract(value, '$.id') AS id,"
-                " json_extract(value, '$.status') AS status,"
-                " json_extract(value, '$.last_error') AS last_error,"
-                " json_extract(value, '$.run_at') AS run_at,"
-                " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
-                " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
-                " RETURNING jobs.id",
-                (now, payload, owner),
-            )
+        rows = await self._run(
+            "UPDATE jobs SET status = o.status, last_error = o.last_error,"
+            " run_at = coalesce(o.run_at, jobs.run_at),"
+            " results = coalesce(o.results, jobs.results), updated_at = ?,"
+            " lease_owner = NULL, lease_until = NULL"
+            " FROM (SELECT json_extract(value, '$.id') AS id,"
+            " json_extract(value, '$.status') AS status,"
+            " json_extract(value, '$.last_error') AS last_error,"
+            " json_extract(value, '$.run_at') AS run_at,"
+            " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
+            " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
+            " RETURNING jobs.id",
+            (time.time(), payload, owner),
+        )
         applied = {row[0] for row in rows}
         if any(o.status is JobStatus.RETRYING for o in outcomes):
             self._notify_work()
         return [o.job_id in applied for o in outcomes]
 
     async def extend_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE jobs SET lease_until = ? WHERE status = 'sending' AND lease_owner = ?"
-                " AND id IN (SELECT value FROM json_each(?))",
-                (time.time() + lease_seconds, owner, json.dumps(list(job_ids))),
-            )
+        await self._run(
+            "UPDATE jobs SET lease_until = ? WHERE status = 'sending' AND lease_owner = ?"
+            " AND id IN (SELECT value FROM json_each(?))",
+            (time.time() + lease_seconds, owner, json.dumps(list(job_ids))),
+        )
 
     async def release(self, owner: str, job_ids: Sequence[str]) -> None:
         await self._requeue(
@@ -295,41 +280,37 @@ class SQLiteStore(Store):
 
     async def _requeue(self, where: str, params: tuple[Any, ...], *, reason: str) -> int:
         now = time.time()
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE jobs SET status = 'retrying', run_at = ?, updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL, last_error = ?"
-                f" WHERE status = 'sending' AND {where}",
-                (now, now, reason, *params),
-            )
-            count = cursor.rowcount
+        count = await self._count(
+            "UPDATE jobs SET status = 'retrying', run_at = ?, updated_at = ?,"
+            " lease_owner = NULL, lease_until = NULL, last_error = ?"
+            f" WHERE status = 'sending' AND {where}",
+            (now, now, reason, *params),
+        )
         if count:
             self._notify_work()
         return count
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._query(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = await self._run(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _row_to_job(rows[0]) if rows else None
 
     async def cancel(self, job_id: str) -> Job | None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE jobs SET status = 'cancelled', updated_at = ?, lease_owner = NULL,"
-                f" lease_until = NULL WHERE id = ? AND NOT {FINAL}",
-                (time.time(), job_id),
-            )
-            rows = await db.execute_fetchall(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
-        return _row_to_job(next(iter(rows))) if rows else None
+        rows = await self._run(
+            "UPDATE jobs SET status = 'cancelled', updated_at = ?, lease_owner = NULL,"
+            f" lease_until = NULL WHERE id = ? AND NOT {FINAL} RETURNING {COLUMNS}",
+            (time.time(), job_id),
+        )
+        return _row_to_job(rows[0]) if rows else await self.get(job_id)
 
     async def next_due(self, channel: str) -> datetime | None:
-        rows = await self._query(
+        rows = await self._run(
             f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {WAITING}", (channel,)
         )
         value = rows[0][0] if rows else None
         return _moment(value) if value is not None else None
 
     async def count_by_status(self) -> dict[JobStatus, int]:
-        rows = await self._query("SELECT status, count(*) FROM jobs GROUP BY status")
+        rows = await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
         counts = dict.fromkeys(JobStatus, 0)
         counts.update({JobStatus(status): count for status, count in rows})
         return counts
@@ -337,7 +318,7 @@ class SQLiteStore(Store):
     async def list_jobs(
         self, *, status: JobStatus | None, since: datetime | None, limit: int
     ) -> list[Job]:
-        rows = await self._query(
+        rows = await self._run(
             f"SELECT {COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
             " ORDER BY updated_at DESC LIMIT ?",
             (status, status, since.timestamp() if since else 0.0, limit),
@@ -346,25 +327,22 @@ class SQLiteStore(Store):
 
     async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
         now = time.time()
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(
-                "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, updated_at = ?"
-                " WHERE status = 'failed' AND (? IS NULL OR id IN (SELECT value FROM json_each(?)))"
-                " AND updated_at >= ? RETURNING id",
-                (
-                    now,
-                    now,
-                    *([None, None] if job_ids is None else [1, json.dumps(list(job_ids))]),
-                    since.timestamp() if since else 0.0,
-                ),
-            )
+        rows = await self._run(
+            "UPDATE jobs SET status = 'queued', attempts = 0, run_at = ?, updated_at = ?"
+            " WHERE status = 'failed' AND (? IS NULL OR id IN (SELECT value FROM json_each(?)))"
+            " AND updated_at >= ? RETURNING id",
+            (
+                now,
+                now,
+                *([None, None] if job_ids is None else [1, json.dumps(list(job_ids))]),
+                since.timestamp() if since else 0.0,
+            ),
+        )
         if rows:
             self._notify_work()
         return [row[0] for row in rows]
 
     async def purge(self, *, before: datetime) -> int:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                f"DELETE FROM jobs WHERE {FINAL} AND updated_at < ?", (before.timestamp(),)
-            )
-            return cursor.rowcount
+        return await self._count(
+            f"DELETE FROM jobs WHERE {FINAL} AND updated_at < ?", (before.timestamp(),)
+        )

@@ -14,6 +14,7 @@ close its connection or touch another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import ssl
@@ -119,6 +120,10 @@ class Server:
         assert self._server is not None, "server not started"
         port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     @property
     def accepting(self) -> bool:
@@ -230,11 +235,10 @@ class Server:
 
     @staticmethod
     async def _close_writer(writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.close()
-            await writer.wait_closed()
-        except (ConnectionError, ssl.SSLError):
-            pass
+        """Close, waiting a moment at most: an idle TLS peer may never answer the goodbye."""
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _read_requests(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
         while not self._closing and connection.close_reason is None:

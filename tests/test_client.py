@@ -512,8 +512,10 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
     async with running_server(tmp_path, idle_timeout=0.2) as server:
         client = connect(server.port)
         await client("ping")
-        connections = server.service.server._connections  # no public count (yet)
-        await wait_for(lambda: not connections, what="the server closing the idle connection")
+        await wait_for(
+            lambda: server.service.server.open_connections == 0,
+            what="the server closing the idle connection",
+        )
         assert await client("send", **SMS)
         assert await stored_jobs(server) == 1
 

@@ -1,4 +1,8 @@
-"""``notifier send``, ``status``, ``cancel`` and ``ping``: the command-line client.
+"""``notifier send``, ``status``, ``cancel``, ``ping`` and the admin commands ``jobs``,
+``retry`` and ``purge``: the command-line client.
+
+The admin commands talk to the running service over its protocol (behind the same auth), so
+they work the same against a container as locally.
 
 They find the server as the Python client does: ``--host``, ``--port``, ``--token`` and
 ``--ca-file`` default to ``NOTIFIER_HOST``, ``NOTIFIER_PORT``, ``NOTIFIER_TOKEN`` and
@@ -41,6 +45,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     cancel = add("cancel", _cancel, "cancel a job not delivered yet")
     cancel.add_argument("id", help="the job id that send printed")
     add("ping", _ping, "check that the server answers")
+    jobs = add("jobs", _jobs, "list jobs, newest change first")
+    jobs.add_argument("--status", choices=[s.value for s in JobStatus], help="only this status")
+    jobs.add_argument("--since", metavar="WHEN", help="changed since: 1h, 30m, 2d or RFC 3339")
+    jobs.add_argument("--limit", type=int, default=100, help="at most this many (%(default)s)")
+    jobs.add_argument("--json", action="store_true", help="one JSON object per line")
+    retry = add("retry", _retry, "requeue failed jobs")
+    retry.add_argument("id", nargs="?", help="the failed job to requeue")
+    retry.add_argument(
+        "--failed", action="store_true", help="requeue every job failed since --since"
+    )
+    retry.add_argument("--since", metavar="WHEN", help="with --failed: 1h, 2d or RFC 3339")
+    purge = add("purge", _purge, "delete finished jobs older than a duration")
+    purge.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, ...")
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -202,9 +219,43 @@ def _show(value: object) -> str:
 
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
-    """Cancel a job that is not delivered yet."""
-    client.cancel(args.id)
+    """Cancel a job that is not delivered yet (exit 1 if it was already final)."""
+    info = client.cancel(args.id)
+    if info.status is not JobStatus.CANCELLED:
+        return _fail(info.status.value, f"job {args.id} was already {info.status.value}")
     print(f"cancelled {args.id}")
+    return 0
+
+
+def _jobs(client: Client, args: argparse.Namespace) -> int:
+    """List jobs, newest change first, as a table (or JSON lines with --json)."""
+    jobs = client.jobs(status=args.status, since=args.since, limit=args.limit)
+    if args.json:
+        for info in jobs:
+            print(json.dumps(info.as_dict(), ensure_ascii=False))
+        return 0
+    columns = ("id", "channel", "status", "attempts", "updated_at", "last_error")
+    rows = [[_show(info.as_dict()[name]) for name in columns] for info in jobs]
+    widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, name in enumerate(columns)]
+    for row in [list(columns), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def _retry(client: Client, args: argparse.Namespace) -> int:
+    """Requeue a failed job by id, or every job failed since --since with --failed."""
+    if (args.id is None) == (not args.failed) or args.failed != (args.since is not None):
+        return _fail("invalid_request", "give a job id, or --failed --since 1h", status=2)
+    ids = client.retry(args.id, since=args.since)
+    for job_id in ids:
+        print(job_id)
+    print(f"requeued {len(ids)} job(s)", file=sys.stderr)
+    return 0
+
+
+def _purge(client: Client, args: argparse.Namespace) -> int:
+    """Delete delivered, failed and cancelled jobs last changed longer ago than --older-than."""
+    print(f"purged {client.purge(older_than=args.older_than)} job(s)")
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
@@ -150,9 +151,31 @@ class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
         """See ``Client.status``."""
         return JobInfo.from_answer(await self._request(self._job_line("status", job_id)))
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str) -> JobInfo:
         """See ``Client.cancel``."""
-        await self._request(self._job_line("cancel", job_id))
+        return JobInfo.from_answer(await self._request(self._job_line("cancel", job_id)))
+
+    async def jobs(
+        self, *, status: str | None = None, since: str | datetime | None = None, limit: int = 100
+    ) -> list[JobInfo]:
+        """See ``Client.jobs``."""
+        answer = await self._request(
+            self._admin_line("jobs", status=status, since=since, limit=limit)
+        )
+        return [JobInfo.from_answer(job) for job in answer["jobs"]]
+
+    async def retry(
+        self, job_id: str | None = None, *, since: str | datetime | None = None
+    ) -> list[str]:
+        """See ``Client.retry``."""
+        answer = await self._request(self._admin_line("retry", id=job_id, since=since))
+        return list(answer["ids"])
+
+    async def purge(self, *, older_than: str | float) -> int:
+        """See ``Client.purge``."""
+        return int(
+            (await self._request(self._admin_line("purge", older_than=older_than)))["purged"]
+        )
 
     async def ping(self) -> None:
         """See ``Client.ping``."""

@@ -347,19 +347,8 @@ LockT = TypeVar("LockT")
 
 
 class ClientCore(Generic[ConnT, LockT]):
-    """Configuration, request lines and the lifecycle, for a connection type and a lock type.
-
-    ``host``, ``port`` and ``token`` default to ``NOTIFIER_HOST``, ``NOTIFIER_PORT`` and
-    ``NOTIFIER_TOKEN`` (then ``127.0.0.1:7725``, no token). The token is sent once per
-    connection, as ``{"op": "auth"}``, right after connecting.
-
-    TLS is on with ``ca_file`` (a CA bundle to trust, default ``NOTIFIER_CA_FILE``), with
-    ``tls=True`` (the system's CAs) or with your own ``ssl.SSLContext`` as ``tls``.
-
-    ``timeout`` bounds each connect, write and wait for an answer (None: no bound).
-    ``retry_timeout`` is how long to keep reconnecting and sending again after a lost
-    connection or an ``unavailable`` answer before raising (0: never retry).
-    """
+    """Configuration, request lines and lifecycle, shared by both clients; the subclasses
+    bring the connection type, the lock type and the I/O."""
 
     def __init__(
         self,
@@ -426,6 +415,11 @@ class ClientCore(Generic[ConnT, LockT]):
         if not isinstance(job_id, str) or not job_id:
             raise InvalidRequest("id: must be a non-empty string")
         return encode_request({"op": op, "id": job_id})
+
+    @staticmethod
+    def _admin_line(op: str, **fields: Any) -> bytes:
+        """``jobs``, ``retry``, ``purge``: the operations behind the admin commands."""
+        return encode_request({"op": op, **{k: v for k, v in fields.items() if v is not None}})
 
     def _batch(self, jobs: Iterable[Mapping[str, Any]], window: int) -> Batch:
         lines: list[bytes | NotifierError] = []

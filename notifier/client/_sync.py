@@ -11,6 +11,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
@@ -91,10 +92,19 @@ class _Connection:
 
 
 class Client(ClientCore[_Connection, threading.Lock]):
-    """A blocking notifier client; see ``ClientCore`` for the arguments.
+    """A blocking notifier client. It connects on first use and reconnects by itself; one
+    client can be shared between threads, whose requests take turns on its connection.
 
-    It connects on first use and reconnects by itself. One client can be shared between
-    threads: their requests take turns on its connection.
+    ``host``, ``port`` and ``token`` default to ``NOTIFIER_HOST``, ``NOTIFIER_PORT`` and
+    ``NOTIFIER_TOKEN`` (then ``127.0.0.1:7725``, no token). The token is sent once per
+    connection, as ``{"op": "auth"}``, right after connecting.
+
+    TLS is on with ``ca_file`` (a CA bundle to trust, default ``NOTIFIER_CA_FILE``), with
+    ``tls=True`` (the system's CAs) or with your own ``ssl.SSLContext`` as ``tls``.
+
+    ``timeout`` bounds each connect, write and wait for an answer (None: no bound).
+    ``retry_timeout`` is how long to keep reconnecting and sending again after a lost
+    connection or an ``unavailable`` answer before raising (0: never retry).
     """
 
     def _new_lock(self) -> threading.Lock:
@@ -151,9 +161,30 @@ class Client(ClientCore[_Connection, threading.Lock]):
         """The job's state; ``NotFound`` for an unknown id."""
         return JobInfo.from_answer(self._request(self._job_line("status", job_id)))
 
-    def cancel(self, job_id: str) -> None:
-        """Cancel a job not delivered yet; ``NotFound`` for an unknown id."""
-        self._request(self._job_line("cancel", job_id))
+    def cancel(self, job_id: str) -> JobInfo:
+        """Cancel a job not delivered yet; ``NotFound`` for an unknown id. The answer says
+        ``cancelled``, or ``delivered``/``failed`` when it was already too late."""
+        return JobInfo.from_answer(self._request(self._job_line("cancel", job_id)))
+
+    def jobs(
+        self, *, status: str | None = None, since: str | datetime | None = None, limit: int = 100
+    ) -> list[JobInfo]:
+        """Jobs changed since ``since`` (a duration such as ``"1h"``, or a time), newest first."""
+        answer = self._request(self._admin_line("jobs", status=status, since=since, limit=limit))
+        return [JobInfo.from_answer(job) for job in answer["jobs"]]
+
+    def retry(self, job_id: str | None = None, *, since: str | datetime | None = None) -> list[str]:
+        """Requeue a failed job, or every job failed since ``since``; returns the ids requeued.
+
+        Re-sent after a lost connection like every request: retrying one id that the first try
+        already requeued answers ``InvalidRequest`` (it is no longer failed).
+        """
+        answer = self._request(self._admin_line("retry", id=job_id, since=since))
+        return list(answer["ids"])
+
+    def purge(self, *, older_than: str | float) -> int:
+        """Delete finished jobs older than ``older_than`` (``"30d"``, or seconds)."""
+        return int(self._request(self._admin_line("purge", older_than=older_than))["purged"])
 
     def ping(self) -> None:
         """Check that the server answers (and accepts the token, if there is one)."""

@@ -243,6 +243,8 @@ class Dispatcher:
         results: dict[str, Any] = {**job.results, "delivered": delivered}
         if receipt.provider_message_id is not None:
             results["provider_message_id"] = receipt.provider_message_id
+        if receipt.refused:
+            results["refused"] = {**job.results.get("refused", {}), **receipt.refused}
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
 
     async def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:

@@ -6,7 +6,7 @@ channel and gets a ``Receipt`` back. Nothing here knows about a backend or a pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -41,8 +41,8 @@ def isoformat(moment: datetime) -> str:
 class Message:
     """A fully rendered message, as stored at intake and handed to a channel.
 
-    ``to`` holds only the recipients still to be served: on a retry of a partly delivered
-    SMS job, the dispatcher leaves out the numbers that already got it.
+    ``skip`` names the recipients (as the job spells them) already served by an earlier
+    attempt: a channel delivers to the others only, while headers stay as they were.
     """
 
     id: str
@@ -56,6 +56,11 @@ class Message:
     reply_to: tuple[str, ...] = ()
     message_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+
+    @property
+    def pending_to(self) -> tuple[str, ...]:
+        return tuple(r for r in self.to if r not in self.skip)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"to": list(self.to)}
@@ -94,6 +99,8 @@ class Receipt:
 
     provider_ids: dict[str, str | None] = field(default_factory=dict)
     provider_message_id: str | None = None
+    #: Recipients refused for good while others got the message, with the reason.
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +135,9 @@ class Job:
     results: dict[str, Any] = field(default_factory=dict)
 
     def pending_message(self) -> Message:
-        """The message limited to the recipients that have not been served yet."""
+        """The message, marked with the recipients an earlier attempt already served."""
         done = self.results.get("delivered", {})
-        if not done:
-            return self.message
-        to = tuple(r for r in self.message.to if r not in done)
-        return Message.from_dict(self.id, self.channel, {**self.message.to_dict(), "to": to})
+        return replace(self.message, skip=tuple(done)) if done else self.message
 
     def to_status(self) -> dict[str, Any]:
         answer: dict[str, Any] = {

@@ -137,12 +137,16 @@ async def test_retry_repeats_only_the_numbers_that_failed(store: Store, tmp_path
     def script(message: Message, call: int) -> Receipt:
         if call == 1:
             raise TransientDeliveryError("gateway busy", delivered={"+14155550101": "sent-1"})
-        return Receipt(provider_ids=dict.fromkeys(message.to, "sent-2"))
+        return Receipt(provider_ids=dict.fromkeys(message.pending_to, "sent-2"))
 
     channel = ScriptedChannel(script)
     job_id = await enqueue(store, "+14155550101", "+14155550102")
     await dispatcher(store, channel, tmp_path).run_burst()
-    assert [m.to for m in channel.calls] == [("+14155550101", "+14155550102"), ("+14155550102",)]
+    assert [m.pending_to for m in channel.calls] == [
+        ("+14155550101", "+14155550102"),
+        ("+14155550102",),
+    ]
+    assert channel.calls[1].to == ("+14155550101", "+14155550102"), "the message is unchanged"
     done = await job(store, job_id)
     assert done.results["delivered"] == {"+14155550101": "sent-1", "+14155550102": "sent-2"}
 

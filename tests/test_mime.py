@@ -121,3 +121,19 @@ async def test_outbox_writes_what_smtp_sends(tmp_path: Path) -> None:
     written = (tmp_path / "email" / "job1.eml").read_bytes()
     assert written.isascii() and b"\r\n" in written
     assert comparable(written) == comparable(bytes(build_email(message, SENDER)))
+
+
+def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:
+    message = Message(
+        id="j1",
+        channel="email",
+        to=("a@example.com", "B <b@example.com>"),
+        cc=("c@example.com",),
+        bcc=("d@example.com",),
+        subject="s",
+        text="t",
+        skip=("B <b@example.com>", "d@example.com"),
+    )
+    assert envelope_recipients(message) == ["a@example.com", "c@example.com"]
+    mail = build_email(message, "notifier@example.com")
+    assert "b@example.com" in str(mail["To"]), "headers stay as first sent"

@@ -380,3 +380,53 @@ async def test_count_by_status_counts_every_state(store: Store) -> None:
 
 async def test_ping(store: Store) -> None:
     await store.ping()
+
+
+# -- administration ----------------------------------------------------------------------------
+
+
+async def test_list_jobs_filters_and_shows_the_latest_changes_first(store: Store) -> None:
+    failed_id = await _job_in(store, JobStatus.FAILED)
+    delivered_id = await _job_in(store, JobStatus.DELIVERED)
+    queued_id = await _job_in(store, JobStatus.QUEUED)
+    listed = await store.list_jobs(status=None, since=None, limit=10)
+    assert [job.id for job in listed] == [queued_id, delivered_id, failed_id]
+    assert [j.id for j in await store.list_jobs(status=None, since=None, limit=2)] == [
+        queued_id,
+        delivered_id,
+    ]
+    only_failed = await store.list_jobs(status=JobStatus.FAILED, since=None, limit=10)
+    assert [job.id for job in only_failed] == [failed_id]
+    later = utcnow() + timedelta(hours=1)
+    assert await store.list_jobs(status=None, since=later, limit=10) == []
+
+
+async def test_retry_requeues_failed_jobs_with_a_fresh_budget(store: Store) -> None:
+    failed_ids = [await _job_in(store, JobStatus.FAILED) for _ in range(2)]
+    delivered_id = await _job_in(store, JobStatus.DELIVERED)
+    assert await store.retry(job_ids=[failed_ids[0], delivered_id], since=None) == [failed_ids[0]]
+    job = await store.get(failed_ids[0])
+    assert job is not None and (job.status, job.attempts) == (JobStatus.QUEUED, 0)
+    counts = await store.count_by_status()
+    assert (counts[JobStatus.QUEUED], counts[JobStatus.FAILED]) == (1, 1)
+    assert await store.retry(job_ids=None, since=utcnow() + timedelta(hours=1)) == []
+    assert await store.retry(job_ids=None, since=None) == [failed_ids[1]]
+    assert (await store.count_by_status())[JobStatus.FAILED] == 0
+    claimed = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
+    assert sorted(job.id for job in claimed) == sorted(failed_ids)
+    assert all(job.attempts == 1 for job in claimed)
+
+
+async def test_purge_deletes_only_finished_jobs_changed_before_the_cutoff(store: Store) -> None:
+    kept = [await _job_in(store, s) for s in (JobStatus.SENDING, JobStatus.RETRYING)]
+    finished = [
+        await _job_in(store, s)
+        for s in (JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.CANCELLED)
+    ]
+    kept.append(await _job_in(store, JobStatus.QUEUED))
+    assert await store.purge(before=utcnow() - timedelta(hours=1)) == 0
+    assert await store.purge(before=utcnow() + timedelta(hours=1)) == len(finished)
+    assert [await store.get(job_id) for job_id in finished] == [None] * len(finished)
+    assert all([await store.get(job_id) for job_id in kept])
+    counts = await store.count_by_status()
+    assert sum(counts.values()) == len(kept)

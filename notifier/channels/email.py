@@ -119,7 +119,7 @@ def classify_smtp_error(
             f"smtp: the server's certificate is not trusted ({problem.verify_message}); "
             "set NOTIFIER_SMTP_CA_FILE to the CA that signed it"
         )
-    if isinstance(exc, ConnectionError | OSError):
+    if isinstance(exc, OSError):  # ConnectionError and aiosmtplib's connect errors included
         return DeliveryConnectionError(f"smtp: connection failed: {exc}")
     # What remains is the server lacking what the settings require (STARTTLS, AUTH).
     return PermanentDeliveryError(f"smtp: {exc}")
@@ -277,7 +277,14 @@ def _outcome(
             len(refused),
             _refusals(refused, recipients),
         )
-    return Receipt(provider_ids=delivered, provider_message_id=reply or None)
+    return Receipt(
+        provider_ids=delivered,
+        provider_message_id=reply or None,
+        refused={
+            recipients.get(address, address): f"{response.code} {response.message}"
+            for address, response in refused.items()
+        },
+    )
 
 
 def create_channel(settings: Settings) -> Channel:

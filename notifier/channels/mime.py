@@ -64,14 +64,16 @@ def build_email(message: Message, sender: str) -> EmailMessage:
 
 
 def envelope(message: Message) -> dict[str, str]:
-    """Envelope address -> the recipient as the job names it, bcc included, each once.
+    """Envelope address -> the recipient as the job names it, bcc included, each once,
+    leaving out those an earlier attempt already served (``message.skip``).
 
     The job's own spelling (``"张三 <z@example.com>"``) is what per-recipient results are
     keyed by, so a retry can leave out the recipients already served.
     """
     recipients: dict[str, str] = {}
     for value in (*message.to, *message.cc, *message.bcc):
-        recipients.setdefault(parse_mailbox(value).addr_spec, value)
+        if value not in message.skip:
+            recipients.setdefault(parse_mailbox(value).addr_spec, value)
     return recipients
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from notifier.channels.base import Channel
 from notifier.channels.mime import build_email
-from notifier.errors import TransientDeliveryError
+from notifier.errors import PermanentDeliveryError, TransientDeliveryError
 from notifier.models import Message, Receipt
 
 
@@ -37,7 +37,9 @@ class OutboxChannel(Channel):
                     await asyncio.to_thread(self._append_line, message)
         except OSError as exc:
             raise TransientDeliveryError(f"outbox: cannot write: {exc}") from exc
-        return Receipt(provider_ids=dict.fromkeys(message.to))
+        except ValueError as exc:
+            raise PermanentDeliveryError(f"outbox: cannot build the message: {exc}") from exc
+        return Receipt(provider_ids=dict.fromkeys(message.pending_to))
 
     def _write_email(self, message: Message) -> None:
         folder = self.directory / "email"
@@ -55,7 +57,7 @@ class OutboxChannel(Channel):
                 ensure_ascii=False,
             )
             + "\n"
-            for number in message.to
+            for number in message.pending_to
         )
         with open(self.directory / f"{self.kind}.jsonl", "a", encoding="utf-8") as file:
             file.write(lines)

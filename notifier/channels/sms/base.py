@@ -122,20 +122,19 @@ class SMSChannel(Channel):
         """Each number once; some failing raise with ``delivered`` set for the others."""
         if not message.text:
             raise PermanentDeliveryError(f"{self.provider}: the message has no text")
-        results = await asyncio.gather(*(self._one(message, number) for number in message.to))
+        numbers = message.pending_to
+        results = await asyncio.gather(*(self._one(message, number) for number in numbers))
         delivered = {
-            n: r
-            for n, r in zip(message.to, results, strict=True)
-            if not isinstance(r, DeliveryError)
+            n: r for n, r in zip(numbers, results, strict=True) if not isinstance(r, DeliveryError)
         }
         failed = {
-            n: r for n, r in zip(message.to, results, strict=True) if isinstance(r, DeliveryError)
+            n: r for n, r in zip(numbers, results, strict=True) if isinstance(r, DeliveryError)
         }
         if not failed:
             return Receipt(provider_ids=delivered)
-        if len(message.to) == 1:
+        if len(numbers) == 1:
             raise next(iter(failed.values()))
-        raise _combined(failed, delivered, total=len(message.to))
+        raise _combined(failed, delivered, total=len(numbers))
 
     async def aclose(self) -> None:
         await self._client.aclose()

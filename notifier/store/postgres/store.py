@@ -59,12 +59,16 @@ FINAL = "status IN ('delivered', 'failed', 'cancelled')"
 #: Finished jobs are counted into ``job_totals`` by the statement that finishes them (a row
 #: per shard and status, so instances do not queue on one counter row); ``count_by_status``
 #: then never counts the ever-growing finished part of the jobs table.
+#: ``{sign}`` is empty for jobs that just finished, ``-`` for finished jobs that leave (retry
+#: and purge); ``{source}`` is a CTE returning their ``status`` as it was finished.
 TALLY = (
-    "tally AS (INSERT INTO job_totals (shard, status, n) SELECT {shard}, status, count(*)"
+    "tally AS (INSERT INTO job_totals (shard, status, n) SELECT {shard}, status, {sign}count(*)"
     f" FROM {{source}} WHERE {FINAL} GROUP BY status"
     " ON CONFLICT (shard, status) DO UPDATE SET n = job_totals.n + excluded.n)"
 )
 TOTAL_SHARDS = 16
+#: Purge deletes in batches of this many rows, each its own short transaction.
+PURGE_BATCH = 5000
 
 
 def _job(row: asyncpg.Record) -> Job:
@@ -205,11 +209,11 @@ class PostgresStore(Store):
     # -- intake ------------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        batch: dict[str, NewJob] = {}  # the first job of each key, and every job without one
+        # The first job of each idempotency key, and every job without one.
+        batch: dict[tuple[str, str], NewJob] = {}
         for job in jobs:
             key = job.idempotency_key
-            if key is None or key not in batch:
-                batch[job.message.id if key is None else key] = job
+            batch.setdefault(("id", job.message.id) if key is None else ("key", key), job)
         rows = list(batch.values())
         async with self._connection(transaction=True) as conn:
             inserted = await conn.fetch(
@@ -284,7 +288,7 @@ class PostgresStore(Store):
                 " AS o(id, status, last_error, run_at, results)"
                 " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = $6"
                 " RETURNING jobs.id, jobs.status), "
-                + TALLY.format(shard="$7::smallint", source="done")
+                + TALLY.format(shard="$7::smallint", source="done", sign="")
                 + " SELECT id FROM done",
                 [o.job_id for o in outcomes],
                 [o.status.value for o in outcomes],
@@ -428,7 +432,7 @@ class PostgresStore(Store):
                 "WITH cancelled AS (UPDATE jobs SET status = 'cancelled', updated_at = now(),"
                 f" lease_owner = NULL, lease_until = NULL WHERE id = $1 AND NOT {FINAL}"
                 f" RETURNING {COLUMNS}), "
-                + TALLY.format(shard="$2::smallint", source="cancelled")
+                + TALLY.format(shard="$2::smallint", source="cancelled", sign="")
                 + " SELECT * FROM cancelled",
                 job_id,
                 self._shard,
@@ -455,3 +459,59 @@ class PostgresStore(Store):
         counts = dict.fromkeys(JobStatus, 0)
         counts.update({JobStatus(row["status"]): int(row["n"]) for row in rows})
         return counts
+
+    # -- administration ----------------------------------------------------------------------
+
+    async def list_jobs(
+        self, *, status: JobStatus | None, since: datetime | None, limit: int
+    ) -> list[Job]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1)"
+                " AND updated_at >= coalesce($2::timestamptz, '-infinity')"
+                " ORDER BY updated_at DESC LIMIT $3",
+                status.value if status else None,
+                since,
+                limit,
+            )
+        return [_job(row) for row in rows]
+
+    async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
+        async with self._connection(transaction=True) as conn:
+            rows = await conn.fetch(
+                "WITH requeued AS (UPDATE jobs SET status = 'queued', attempts = 0,"
+                " run_at = now(), updated_at = now() WHERE status = 'failed'"
+                " AND ($1::text[] IS NULL OR id = ANY($1))"
+                " AND updated_at >= coalesce($2::timestamptz, '-infinity')"
+                " RETURNING id, 'failed'::text AS status), "
+                + TALLY.format(shard="$3::smallint", source="requeued", sign="-")
+                + " SELECT id FROM requeued",
+                None if job_ids is None else list(job_ids),
+                since,
+                self._shard,
+            )
+            if rows:
+                await conn.execute("SELECT pg_notify($1, '')", schema.WORK_CHANNEL)
+        if rows:
+            self._notify_work()
+        return [row["id"] for row in rows]
+
+    async def purge(self, *, before: datetime) -> int:
+        """In batches that skip rows other instances are purging: one huge DELETE would run
+        into the statement timeout and hold its locks for as long."""
+        total = 0
+        while True:
+            async with self._connection() as conn:
+                deleted: int = await conn.fetchval(
+                    "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
+                    f"SELECT id FROM jobs WHERE {FINAL} AND updated_at < $1"
+                    " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING status), "
+                    + TALLY.format(shard="$3::smallint", source="purged", sign="-")
+                    + " SELECT count(*) FROM purged",
+                    before,
+                    PURGE_BATCH,
+                    self._shard,
+                )
+            total += deleted
+            if deleted < PURGE_BATCH:
+                return total

@@ -22,6 +22,7 @@ from notifier.store import Store
 from notifier.templates import Rendered, Templates
 
 EMAIL_ONLY = ("subject", "html", "cc", "bcc", "reply_to")
+_NOTHING_RENDERED = Rendered()
 
 
 def new_job_id() -> str:
@@ -54,6 +55,10 @@ class Intake:
         self.sender = sender
         self.metrics = metrics
         self._batcher: Batcher[NewJob, Enqueued] = Batcher(self._enqueue, max_size=max_batch)
+        self._builders: dict[str, Callable[[str, SendRequest, Rendered], Message]] = {
+            "email": self._email,
+            "sms": _sms,
+        }
 
     def put(self, request: SendRequest) -> asyncio.Future[Enqueued]:
         """Validate and render ``request`` now (raising NotifierError); the future resolves
@@ -81,16 +86,12 @@ class Intake:
             raise UnknownChannel(f"channel: unknown channel {request.channel!r} (known: {known})")
         if not request.to:
             raise InvalidRequest("to: at least one recipient is required")
-        rendered = Rendered()
+        rendered = _NOTHING_RENDERED
         if request.template is not None:
             rendered = self.templates.render(request.template, request.channel, request.data)
-        job_id = new_job_id()
-        build: Callable[[str, SendRequest, Rendered], Message] = {
-            "email": self._email,
-            "sms": _sms,
-        }.get(request.channel, _other)
+        build = self._builders.get(request.channel, _other)
         return NewJob(
-            message=build(job_id, request, rendered),
+            message=build(new_job_id(), request, rendered),
             idempotency_key=request.idempotency_key,
             run_at=request.send_at,
         )

@@ -6,12 +6,12 @@ errors are developers wiring up an app, often from another language.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -171,10 +171,13 @@ _MODELS: dict[str, type[_Request]] = {
 
 
 def decode_line(line: bytes) -> dict[str, Any]:
-    """The JSON object of one request line (without its newline)."""
+    """The JSON object of one request line (without its newline).
+
+    pydantic-core's parser: several times faster than ``json`` on the intake's hot path.
+    """
     try:
-        data = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = pydantic_core.from_json(line)
+    except ValueError as exc:
         raise InvalidJSON(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidJSON(f"a request must be a JSON object, not {type(data).__name__}")
@@ -241,7 +244,8 @@ def check_phone(value: str, field: str) -> str:
 
 
 def encode(answer: dict[str, Any]) -> bytes:
-    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One answer line: compact UTF-8 JSON (non-ASCII text as itself, not escaped)."""
+    return pydantic_core.to_json(answer) + b"\n"
 
 
 def ok(ref: Any = None, **fields: Any) -> dict[str, Any]:

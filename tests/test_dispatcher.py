@@ -163,31 +163,36 @@ async def test_cancel_during_delivery_is_not_overwritten(store: Store, tmp_path:
     assert (await job(store, job_id)).status is JobStatus.CANCELLED
 
 
-async def test_shutdown_releases_cut_off_deliveries(store: Store, tmp_path: Path) -> None:
+async def delivery_in_flight(
+    store: Store, tmp_path: Path
+) -> tuple[ScriptedChannel, str, Dispatcher, asyncio.Task[None]]:
+    """A running dispatcher whose one delivery is held until ``channel.gate`` opens."""
     channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
     channel.gate = asyncio.Event()
     job_id = await enqueue(store, "+14155550101")
     worker = dispatcher(store, channel, tmp_path)
     running = asyncio.create_task(worker.run())
     await wait_for(lambda: channel.calls, what="delivery started")
+    return channel, job_id, worker, running
+
+
+async def test_shutdown_releases_cut_off_deliveries(store: Store, tmp_path: Path) -> None:
+    channel, job_id, worker, running = await delivery_in_flight(store, tmp_path)
     await worker.stop(grace=0.05)
     await running
     released = await job(store, job_id)
     assert released.status is JobStatus.RETRYING
     assert "shutdown" in (released.last_error or "")
 
+    assert channel.gate is not None
     channel.gate.set()
     await dispatcher(store, channel, tmp_path).run_burst()
     assert (await job(store, job_id)).status is JobStatus.DELIVERED
 
 
 async def test_shutdown_lets_quick_deliveries_finish(store: Store, tmp_path: Path) -> None:
-    channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
-    channel.gate = asyncio.Event()
-    job_id = await enqueue(store, "+14155550101")
-    worker = dispatcher(store, channel, tmp_path)
-    running = asyncio.create_task(worker.run())
-    await wait_for(lambda: channel.calls, what="delivery started")
+    channel, job_id, worker, running = await delivery_in_flight(store, tmp_path)
+    assert channel.gate is not None
     stopping = asyncio.create_task(worker.stop(grace=30))
     channel.gate.set()
     await stopping

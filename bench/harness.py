@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,8 +25,10 @@ Field = Literal["rate", "p50", "p99", "rss", "missing"]
 
 @dataclass
 class Sample:
-    """One contender in one run: per second, milliseconds, MiB, and what went missing."""
+    """One contender in one run: how many it sent, per second, milliseconds, MiB, and how
+    many were refused or never arrived."""
 
+    size: int
     rate: float | None = None
     p50: float | None = None
     p99: float | None = None
@@ -83,8 +84,8 @@ class Scenario:
     key: str
     title: str
     measure: Callable[[Bench], Run]
-    size: Callable[[Sizes], str]
     targets: tuple[Target, ...] = ()
+    max_runs: int | None = None  # for a number that does not vary run to run (memory)
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,9 @@ class Sizes:
     concurrent: int = 100_000
     one_at_a_time: int = 2_000
     email: int = 2_000
-    email_per_message: int = 200
+    email_per_message: int = 150
     sms: int = 2_000
-    sms_per_message: int = 100
+    sms_per_message: int = 60
     e2e_rate: float = 200.0
     e2e_jobs: int = 1_500
     backlog: int = 200_000
@@ -122,7 +123,7 @@ QUICK = Sizes(
 NOTIFIER_SETTINGS = {
     "NOTIFIER_EMAIL_CONCURRENCY": "32",
     "NOTIFIER_SMTP_POOL_SIZE": "16",
-    "NOTIFIER_SMS_CONCURRENCY": "64",
+    "NOTIFIER_SMS_CONCURRENCY": "32",
     "NOTIFIER_MAX_PIPELINE": "1000",
 }
 FAULT_SETTINGS = {"NOTIFIER_RETRY_BASE_DELAY": "0.1"}
@@ -135,6 +136,7 @@ class SinkStats:
     first: float | None
     last: float | None
     latencies: list[float]
+    cpu: float
 
 
 class SinkControl:
@@ -156,7 +158,12 @@ class SinkControl:
     def wait(self, distinct: int, *, timeout: float) -> SinkStats:
         answer = self._ask({"op": "wait", "count": distinct, "timeout": timeout})
         return SinkStats(
-            answer["distinct"], answer["refused"], answer["first"], answer["last"], answer["latencies"]
+            answer["distinct"],
+            answer["refused"],
+            answer["first"],
+            answer["last"],
+            answer["latencies"],
+            answer["cpu"],
         )
 
     def close(self) -> None:
@@ -217,7 +224,9 @@ class Bench:
     @contextmanager
     def bare(self, kind: Literal["streams", "protocol"]) -> Iterator[Served]:
         port = free_port()
-        with Child(f"bare-{kind}", bench_module("bare", kind, port), ports=[port], log_dir=self.work) as child:
+        with Child(
+            f"bare-{kind}", bench_module("bare", kind, port), ports=[port], log_dir=self.work
+        ) as child:
             yield Served(port, child)
 
 
@@ -225,7 +234,3 @@ class Bench:
 class Served:
     port: int
     child: Child
-
-
-def median_of(values: list[float]) -> float:
-    return statistics.median(values)

@@ -57,7 +57,8 @@ class Child:
         self.argv = list(argv)
         self.ports = list(ports)
         self.log_path = log_dir / f"{name.replace(' ', '-')}.log"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFIER_")}
+        self.env = {**inherited, "PYTHONPATH": str(ROOT), **(env or {})}
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -100,17 +100,17 @@ class Store(ABC):
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Queue depth, for metrics and readiness."""
 
+    @abstractmethod
     async def list_jobs(
         self, *, status: JobStatus | None, since: datetime | None, limit: int
     ) -> list[Job]:
         """Jobs last changed at or after ``since``, most recently changed first."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
         """Requeue failed jobs (the given ones, or all failed since ``since``) with a fresh
         attempt budget; recipients already served stay served. Returns the requeued ids."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def purge(self, *, before: datetime) -> int:
         """Delete finished jobs last changed before ``before``; returns how many."""
-        raise NotImplementedError

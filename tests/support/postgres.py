@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -76,15 +77,22 @@ def postgres_admin_url() -> str:
     return url
 
 
+@contextmanager
+def fresh_database(admin_url: str, prefix: str = "notifier_test") -> Iterator[str]:
+    """A new database on the server of ``admin_url``, dropped (connections and all) after."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    asyncio.run(execute(admin_url, f"CREATE DATABASE {name}"))
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        asyncio.run(execute(admin_url, f"DROP DATABASE {name} WITH (FORCE)"))
+
+
 @pytest.fixture(scope="module")
 def postgres_database(postgres_admin_url: str) -> Iterator[str]:
-    """A fresh database for the module, dropped (connections and all) afterwards."""
-    name = f"notifier_test_{secrets.token_hex(6)}"
-    asyncio.run(execute(postgres_admin_url, f"CREATE DATABASE {name}"))
-    try:
-        yield with_database(postgres_admin_url, name)
-    finally:
-        asyncio.run(execute(postgres_admin_url, f"DROP DATABASE {name} WITH (FORCE)"))
+    """A fresh database for the module."""
+    with fresh_database(postgres_admin_url) as url:
+        yield url
 
 
 @pytest.fixture

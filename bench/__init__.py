@@ -1,0 +1,1 @@
+"""notifier's benchmark: ``python -m bench`` (see bench/README.md)."""

@@ -167,7 +167,17 @@ class Dispatcher:
             lane.in_flight.pop(job.id, None)
             lane.wake.set()
         elapsed = time.monotonic() - started
-        applied = await asyncio.shield(self._recorder.submit(outcome))
+        try:
+            applied = await asyncio.shield(self._recorder.submit(outcome))
+        except StoreUnavailable as exc:
+            log.error(
+                "job %s: %s, but the store stayed unreachable (%s); it stays leased and is "
+                "taken up again after recovery (at least once)",
+                job.id,
+                outcome.status.value,
+                exc,
+            )
+            return
         if applied:
             self._observe(lane, job, outcome, elapsed)
 

@@ -28,5 +28,5 @@ def configure_logging(*, format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "httpx", "aiosqlite"):
+    for noisy in ("uvicorn.error", "uvicorn.access", "httpx", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -74,7 +74,11 @@ def via_notifier(
 
 
 def one_by_one(bench: Bench, send: baselines.Send, count: int, *, delay: float) -> Sample:
-    return _delivered(bench, count, lambda: [send(n) for n in range(count)], delay=delay)
+    def send_all() -> None:
+        for number in range(count):
+            send(number)
+
+    return _delivered(bench, count, send_all, delay=delay)
 
 
 def email(bench: Bench) -> Run:

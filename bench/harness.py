@@ -48,7 +48,10 @@ Run = dict[str, Sample]
 def percentiles(latencies: list[float]) -> tuple[float, float]:
     """p50 and p99 of latencies in seconds, in milliseconds (nearest rank)."""
     ordered = sorted(latencies)
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
     return at(0.50), at(0.99)
 
 

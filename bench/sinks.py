@@ -93,7 +93,7 @@ def email_text(data: bytes) -> str:
     parts = [str(message.get("Subject", ""))]
     for part in message.walk():
         if part.get_content_maintype() == "text":
-            parts.append(part.get_content())  # type: ignore[attr-defined]
+            parts.append(part.get_content())
     return "\n".join(parts)
 
 

@@ -131,17 +131,31 @@ class Dispatcher:
         while not self._stopping.is_set():
             lane.wake.clear()
             free = lane.concurrency - len(lane.in_flight)
-            claimed = await self._claim(lane, free) if free > 0 else 0
-            if claimed and claimed == free:
+            if free < self._claim_at_least(lane):
+                await lane.wake.wait()
                 continue
-            timeout = self.settings.poll_interval
+            claimed = await self._claim(lane, free)
+            if claimed == free:
+                continue
             if burst and not lane.in_flight and not claimed:
                 due = await self.store.next_due(lane.name)
-                if due is None or (due - utcnow()).total_seconds() > timeout:
+                if due is None or (due - utcnow()).total_seconds() > self.settings.poll_interval:
                     return
-                timeout = max(0.0, (due - utcnow()).total_seconds())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.wake.wait(), timeout)
+            await self._sleep_until_due(lane)
+
+    @staticmethod
+    def _claim_at_least(lane: _Lane) -> int:
+        """Busy lanes claim once a quarter of their slots is free, not one job per delivery."""
+        return 1 if not lane.in_flight else max(1, lane.concurrency // 4)
+
+    async def _sleep_until_due(self, lane: _Lane) -> None:
+        """Until woken (new work, free slots, stop), the next job falls due, or a poll."""
+        timeout = self.settings.poll_interval
+        due = await self.store.next_due(lane.name)
+        if due is not None:
+            timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lane.wake.wait(), timeout)
 
     async def _claim(self, lane: _Lane, limit: int) -> int:
         try:

@@ -13,6 +13,7 @@ message stored by an older version or a bug elsewhere cannot inject a header.
 from __future__ import annotations
 
 import email.policy
+import functools
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
@@ -33,16 +34,20 @@ def _one_line(value: str, field: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_mailbox(value: str) -> Address:
-    """``Name <addr>`` or ``addr`` as an Address (the intake already validated it)."""
+    """``Name <addr>`` or ``addr`` as an Address (the intake already validated it).
+
+    Cached: the sender and frequent recipients come back with every message, and the email
+    package's parsing is the slowest part of building one.
+    """
     ((name, addr),) = getaddresses([_one_line(value, "address")])
     return Address(display_name=name, addr_spec=addr)
 
 
 def new_message_id(sender: str) -> str:
     """A Message-ID in the sender's domain, fixed at intake so redeliveries keep it."""
-    domain = parse_mailbox(sender).domain or "localhost"
-    return make_msgid(domain=domain)
+    return make_msgid(domain=parse_mailbox(sender).domain or "localhost")
 
 
 def build_email(message: Message, sender: str) -> EmailMessage:

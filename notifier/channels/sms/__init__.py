@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from notifier.channels.base import Channel
 from notifier.channels.outbox import OutboxChannel
-from notifier.channels.sms.base import SMSChannel, SMSProvider, new_http_client
+from notifier.channels.sms.base import SMSChannel, SMSProvider, new_http_clients
 from notifier.channels.sms.ihuyi import IhuyiProvider
 from notifier.channels.sms.twilio import TwilioProvider
 from notifier.channels.sms.webhook import WebhookProvider
@@ -26,4 +26,4 @@ def create_channel(settings: Settings) -> Channel:
     if settings.sms_provider is None:
         return OutboxChannel(settings.outbox_dir, kind="sms")
     provider = PROVIDERS[settings.sms_provider].from_settings(settings)
-    return SMSChannel(provider, new_http_client(settings))
+    return SMSChannel(provider, new_http_clients(settings))

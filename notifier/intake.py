@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
 from notifier.batching import Batcher
@@ -72,9 +73,13 @@ class Intake:
 
     async def _enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         answers = await self.store.enqueue(jobs)
-        for job, answer in zip(jobs, answers, strict=True):
-            counter = self.metrics.duplicates if answer.duplicate else self.metrics.accepted
-            counter.labels(job.message.channel).inc()
+        counts = Counter(
+            (answer.duplicate, job.message.channel)
+            for job, answer in zip(jobs, answers, strict=True)
+        )
+        for (duplicate, channel), count in counts.items():
+            counter = self.metrics.duplicates if duplicate else self.metrics.accepted
+            counter.labels(channel).inc(count)
         return answers
 
     async def drain(self) -> None:
@@ -114,7 +119,7 @@ class Intake:
             cc=_mailboxes(request.cc, "cc"),
             bcc=_mailboxes(request.bcc, "bcc"),
             reply_to=_mailboxes(request.reply_to, "reply_to"),
-            message_id=new_message_id(self.sender),
+            message_id=new_message_id(job_id, self.sender),
         )
 
 

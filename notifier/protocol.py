@@ -43,6 +43,8 @@ def _recipient_list(value: object) -> list[str]:
 
 Recipients = Annotated[list[str], BeforeValidator(_recipient_list)]
 
+#: The common case, checked without the email package's parser.
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)*\Z")
 _PHONE = re.compile(r"^\+?[0-9]{5,15}$")
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
 
@@ -225,6 +227,8 @@ def check_header_value(value: str, field: str) -> str:
 
 def check_mailbox(value: str, field: str) -> str:
     """An RFC 5322 mailbox, ``addr@example.com`` or ``Name <addr@example.com>``."""
+    if _PLAIN_ADDRESS.match(value):
+        return value
     check_header_value(value, field)
     _, address = parseaddr(value)
     local, at, domain = address.rpartition("@")

@@ -16,7 +16,7 @@ import email.policy
 import functools
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import formatdate, getaddresses
 
 from notifier.models import Message
 
@@ -45,9 +45,10 @@ def parse_mailbox(value: str) -> Address:
     return Address(display_name=name, addr_spec=addr)
 
 
-def new_message_id(sender: str) -> str:
-    """A Message-ID in the sender's domain, fixed at intake so redeliveries keep it."""
-    return make_msgid(domain=parse_mailbox(sender).domain or "localhost")
+def new_message_id(job_id: str, sender: str) -> str:
+    """``<job id@sender's domain>``: unique (the id is 128 random bits), fixed at intake so a
+    redelivery carries the same one, and it leads from a bounce or a complaint to the job."""
+    return f"<{job_id}@{parse_mailbox(sender).domain or 'localhost'}>"
 
 
 def build_email(message: Message, sender: str) -> EmailMessage:
@@ -61,7 +62,8 @@ def build_email(message: Message, sender: str) -> EmailMessage:
         mail["Reply-To"] = [parse_mailbox(a) for a in message.reply_to]
     mail["Subject"] = _one_line(message.subject or "", "subject")
     mail["Date"] = formatdate(localtime=False, usegmt=True)
-    mail["Message-ID"] = _one_line(message.message_id or new_message_id(sender), "message_id")
+    message_id = message.message_id or new_message_id(message.id, sender)
+    mail["Message-ID"] = _one_line(message_id, "message_id")
     mail.set_content(message.text or "")
     if message.html is not None:
         mail.add_alternative(message.html, subtype="html")

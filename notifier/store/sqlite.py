@@ -19,6 +19,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import aiosqlite
+import pydantic_core
 
 from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome
 from notifier.settings import Settings
@@ -187,7 +188,7 @@ class SQLiteStore(Store):
             " json_extract(value, '$[3]'), ?1, ?1, json_extract(value, '$[4]')"
             " FROM json_each(?2) WHERE true"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-            (now, json.dumps(rows)),
+            (now, pydantic_core.to_json(rows).decode()),
         )
         new_ids = {row[0] for row in inserted}
         if new_ids:

@@ -14,7 +14,6 @@ request: ihuyi puts its API key in the form body, and httpx messages do not echo
 from __future__ import annotations
 
 import asyncio
-import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
@@ -129,7 +128,7 @@ class SMSChannel(Channel):
         self.provider = provider.name
         self._provider = provider
         self._clients = list(clients)
-        self._turns = itertools.cycle(self._clients)
+        self._busy = [0] * len(self._clients)
 
     async def send(self, message: Message) -> Receipt:
         """Each number once; some failing raise with ``delivered`` set for the others."""
@@ -154,12 +153,16 @@ class SMSChannel(Channel):
             await client.aclose()
 
     async def _one(self, message: Message, number: str) -> str | DeliveryError | None:
+        turn = self._busy.index(min(self._busy))  # the least busy pool: none waits needlessly
+        self._busy[turn] += 1
         try:
             return await self._provider.send_one(
-                next(self._turns), message.text or "", number, message.id
+                self._clients[turn], message.text or "", number, message.id
             )
         except DeliveryError as exc:
             return exc
+        finally:
+            self._busy[turn] -= 1
 
 
 def _combined(

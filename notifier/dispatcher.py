@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import tenacity
@@ -90,10 +90,6 @@ class Dispatcher:
         for lane in self._lanes:
             lane.wake.set()
 
-    @property
-    def in_flight(self) -> int:
-        return sum(len(lane.in_flight) for lane in self._lanes)
-
     async def run(self) -> None:
         """Deliver until ``stop`` is called."""
         await self.store.recover(owner=self.owner)
@@ -138,7 +134,7 @@ class Dispatcher:
             if claimed == free:
                 continue
             if burst and not lane.in_flight and not claimed:
-                due = await self.store.next_due(lane.name)
+                due = await self._next_due(lane)
                 if due is None or (due - utcnow()).total_seconds() > self.settings.poll_interval:
                     return
             await self._sleep_until_due(lane)
@@ -151,11 +147,17 @@ class Dispatcher:
     async def _sleep_until_due(self, lane: _Lane) -> None:
         """Until woken (new work, free slots, stop), the next job falls due, or a poll."""
         timeout = self.settings.poll_interval
-        due = await self.store.next_due(lane.name)
+        due = await self._next_due(lane)
         if due is not None:
             timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lane.wake.wait(), timeout)
+
+    async def _next_due(self, lane: _Lane) -> datetime | None:
+        try:
+            return await self.store.next_due(lane.name)
+        except StoreUnavailable:
+            return None  # the claim that follows says so in the log
 
     async def _claim(self, lane: _Lane, limit: int) -> int:
         try:

@@ -38,7 +38,6 @@ class Service:
         self.ops: OpsServer | None = None
         self._dispatching: asyncio.Task[None] | None = None
         self._pruning: asyncio.Task[None] | None = None
-        self._stopped = asyncio.Event()
         self._stop_requested = asyncio.Event()
 
     async def start(self) -> None:
@@ -76,9 +75,6 @@ class Service:
     def port(self) -> int:
         return self.server.port
 
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace
         if self._pruning is not None:
@@ -93,7 +89,6 @@ class Service:
         if self.ops is not None:
             await self.ops.stop()
         await self.store.close()
-        self._stopped.set()
         log.info("stopped")
 
     async def serve(self) -> None:

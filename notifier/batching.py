@@ -35,9 +35,6 @@ class Batcher(Generic[T, R]):
             self._task = asyncio.create_task(self._run(), name="batcher-flush")
         return future
 
-    async def submit(self, item: T) -> R:
-        return await asyncio.shield(self.put(item))
-
     async def _run(self) -> None:
         try:
             while self._pending:

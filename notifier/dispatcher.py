@@ -50,6 +50,19 @@ class Backoff:
         return max(min(self._wait(state), self.cap), retry_after or 0.0)
 
 
+class _LaneMetrics:
+    """The lane's metric children, looked up once rather than per delivery."""
+
+    def __init__(self, metrics: Metrics, channel: str, provider: str) -> None:
+        self.attempt_seconds = metrics.attempt_seconds.labels(channel, provider)
+        self.age_seconds = metrics.accept_to_delivered_seconds.labels(channel)
+        self.counters = {
+            JobStatus.DELIVERED: metrics.delivered.labels(channel, provider),
+            JobStatus.RETRYING: metrics.retried.labels(channel, provider),
+            JobStatus.FAILED: metrics.failed.labels(channel, provider),
+        }
+
+
 @dataclass
 class _Lane:
     """One channel's loop state: its concurrency and the deliveries in flight."""
@@ -57,6 +70,7 @@ class _Lane:
     name: str
     channel: Channel
     concurrency: int
+    metrics: _LaneMetrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -77,7 +91,12 @@ class Dispatcher:
         self.owner = owner or f"notifier-{uuid.uuid4().hex[:12]}"
         self.backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
         self._lanes = [
-            _Lane(name, channel, settings.concurrency_for(name))
+            _Lane(
+                name,
+                channel,
+                settings.concurrency_for(name),
+                _LaneMetrics(metrics, name, channel.provider),
+            )
             for name, channel in channels.items()
         ]
         self._recorder: Batcher[Outcome, bool] = Batcher(self._record)
@@ -184,7 +203,7 @@ class Dispatcher:
             lane.wake.set()
         elapsed = time.monotonic() - started
         try:
-            applied = await asyncio.shield(self._recorder.submit(outcome))
+            applied = await asyncio.shield(self._recorder.put(outcome))
         except StoreUnavailable as exc:
             log.error(
                 "job %s: %s, but the store stayed unreachable (%s); it stays leased and is "
@@ -198,19 +217,16 @@ class Dispatcher:
             self._observe(lane, job, outcome, elapsed)
 
     def _observe(self, lane: _Lane, job: Job, outcome: Outcome, elapsed: float) -> None:
-        provider = lane.channel.provider
-        labels = (lane.name, provider)
-        self.metrics.attempt_seconds.labels(*labels).observe(elapsed)
+        lane.metrics.attempt_seconds.observe(elapsed)
+        lane.metrics.counters[outcome.status].inc()
         if outcome.status is JobStatus.DELIVERED:
-            self.metrics.delivered.labels(*labels).inc()
-            age = (utcnow() - job.created_at).total_seconds()
-            self.metrics.accept_to_delivered_seconds.labels(lane.name).observe(age)
-        elif outcome.status is JobStatus.RETRYING:
-            self.metrics.retried.labels(*labels).inc()
-        else:
-            self.metrics.failed.labels(*labels).inc()
+            lane.metrics.age_seconds.observe((utcnow() - job.created_at).total_seconds())
+        level = logging.WARNING if outcome.status is JobStatus.FAILED else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        provider = lane.channel.provider
         log.log(
-            logging.WARNING if outcome.status is JobStatus.FAILED else logging.INFO,
+            level,
             "job %s %s via %s/%s, attempt %d, %.3fs%s",
             job.id,
             outcome.status.value,

@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import sys
 from typing import Any
-from urllib.parse import urlsplit
 
 from notifier.settings import Settings, SettingsError, load_settings
+from notifier.store import backend_for
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -36,7 +36,7 @@ def migrate(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"notifier: {exc}", file=sys.stderr)
         return 2
-    if urlsplit(settings.database_url).scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+    if not backend_for(settings.database_url).startswith("notifier.store.postgres"):
         print("nothing to migrate: the SQLite store migrates itself when it opens")
         return 0
     from notifier.store.postgres.store import DATABASE_ERRORS

@@ -11,7 +11,7 @@ from notifier.store.base import Store, StoreLocked, StoreUnavailable
 if TYPE_CHECKING:
     from notifier.settings import Settings
 
-__all__ = ["BACKENDS", "Store", "StoreLocked", "StoreUnavailable", "open_store"]
+__all__ = ["BACKENDS", "Store", "StoreLocked", "StoreUnavailable", "backend_for", "open_store"]
 
 BACKENDS: dict[str, str] = {
     "sqlite": "notifier.store.sqlite:SQLiteStore",
@@ -20,12 +20,17 @@ BACKENDS: dict[str, str] = {
 }
 
 
+def backend_for(url: str) -> str:
+    """The import string of the store class that serves ``url``; empty if none does."""
+    return BACKENDS.get(urlsplit(url).scheme.split("+", 1)[0], "")
+
+
 def open_store(url: str, settings: Settings | None = None) -> Store:
     """The (not yet opened) store for ``url``; the backend class takes ``(url, settings)``."""
-    scheme = urlsplit(url).scheme.split("+", 1)[0]
-    target = BACKENDS.get(scheme)
-    if target is None:
+    target = backend_for(url)
+    if not target:
         known = ", ".join(sorted(BACKENDS))
+        scheme = urlsplit(url).scheme
         raise ValueError(f"NOTIFIER_DATABASE_URL: unknown scheme {scheme!r} (known: {known})")
     module_name, _, class_name = target.partition(":")
     backend: type[Store] = getattr(importlib.import_module(module_name), class_name)

@@ -73,7 +73,7 @@ def intake(admin_url: str, instances: int, jobs: int) -> float:
                     log_dir=Path(work),
                     cwd=Path(work),
                 )
-                stack.enter_context(child.start())
+                stack.enter_context(child)
             lines = [sms_job(n, send_at=TOMORROW) for n in range(jobs)]
 
             async def load_all() -> float:

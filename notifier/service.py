@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from datetime import timedelta
 
@@ -117,7 +118,10 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop_requested.is_set():
+            # At once means without waiting for anything, threads included: what was in
+            # flight is taken up again at the next start (or by another instance).
             log.warning("%s again: exiting now", sig.name)
-            raise SystemExit(1)
+            logging.shutdown()
+            os._exit(1)
         log.info("%s: shutting down (send it again to exit at once)", sig.name)
         self._stop_requested.set()

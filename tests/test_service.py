@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from tests.support.http_sink import HTTPSink, Recorded, Reply
 from tests.support.server import ServerProcess
 from tests.support.waiting import wait_for_sync
 
@@ -94,6 +96,49 @@ def test_sigterm_drains_and_exits_0(tmp_path: Path) -> None:
         answers = [status.request({"op": "status", "id": job_id}) for job_id in sorted(ids)[:20]]
         assert all(a["status"] == "delivered" for a in answers)
         status.close()
+    finally:
+        server.stop()
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path: Path, http_sink: HTTPSink) -> None:
+    release = threading.Event()
+
+    def hold(request: Recorded) -> Reply:
+        release.wait(60)
+        return Reply(200)
+
+    http_sink.respond_with(hold)
+    server = ServerProcess(
+        tmp_path,
+        NOTIFIER_SMS_PROVIDER="webhook",
+        NOTIFIER_SMS_URL=http_sink.url,
+        NOTIFIER_SHUTDOWN_GRACE="120",
+    ).start()
+    try:
+        conn = BlockingLines(server.port)
+        job_id = conn.request(SMS)["id"]
+        conn.close()
+        http_sink.wait_for_requests(1)
+        server.signal(signal.SIGTERM)
+        wait_for_sync(lambda: "shutting down" in server.log(), what="the first SIGTERM")
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 1, "the held delivery must not keep it alive"
+        assert "exiting now" in server.log()
+    finally:
+        release.set()
+        server.stop()
+
+    server.start()
+    try:
+        conn = BlockingLines(server.port)
+        status = wait_for_sync(
+            lambda: (
+                (s := conn.request({"op": "status", "id": job_id}))["status"] == "delivered" and s
+            ),
+            what="the interrupted job delivered after the restart",
+        )
+        assert status["attempts"] == 2
+        conn.close()
     finally:
         server.stop()
 

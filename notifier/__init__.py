@@ -1,16 +1,22 @@
 """notifier: durable email and SMS delivery over a JSON-lines TCP protocol.
 
-This module is the public Python surface: the clients, their result types and the errors.
-The service itself is run with ``notifier serve`` (see PROTOCOL.md).
+This module is the public Python surface: the clients, their result types and the errors,
+and what a third-party channel needs (``Channel``, ``Message``, ``Receipt`` and the delivery
+errors; docs/channels.md). The service itself is run with ``notifier serve``; its wire
+protocol is docs/protocol.md.
 """
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from notifier.channels import Channel
 from notifier.client._async import AsyncClient
 from notifier.client._core import JobInfo, SendResult
 from notifier.client._sync import Client
 from notifier.errors import (
+    DeliveryConnectionError,
+    DeliveryError,
+    DeliveryTimeout,
     InternalError,
     InvalidJSON,
     InvalidRequest,
@@ -18,15 +24,17 @@ from notifier.errors import (
     NotFound,
     NotifierConnectionError,
     NotifierError,
+    PermanentDeliveryError,
     RateLimited,
     TemplateError,
+    TransientDeliveryError,
     Unauthorized,
     Unavailable,
     UnknownChannel,
     UnknownOp,
     UnknownTemplate,
 )
-from notifier.models import JobStatus
+from notifier.models import JobStatus, Message, Receipt
 
 try:
     __version__ = _version("notifier")
@@ -35,19 +43,27 @@ except _PackageNotFoundError:  # running from a source tree that was never insta
 
 __all__ = [
     "AsyncClient",
+    "Channel",
     "Client",
+    "DeliveryConnectionError",
+    "DeliveryError",
+    "DeliveryTimeout",
     "InternalError",
     "InvalidJSON",
     "InvalidRequest",
     "JobInfo",
     "JobStatus",
     "LineTooLong",
+    "Message",
     "NotFound",
     "NotifierConnectionError",
     "NotifierError",
+    "PermanentDeliveryError",
     "RateLimited",
+    "Receipt",
     "SendResult",
     "TemplateError",
+    "TransientDeliveryError",
     "Unauthorized",
     "Unavailable",
     "UnknownChannel",

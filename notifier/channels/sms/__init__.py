@@ -1,7 +1,7 @@
 """SMS through HTTP gateways (httpx); the outbox stands in while no provider is configured.
 
 ``NOTIFIER_SMS_PROVIDER`` picks one of ``PROVIDERS``; each lives in its own module and
-reads the NOTIFIER_SMS_* settings as PROTOCOL.md's table says. ``base`` holds what they
+reads the NOTIFIER_SMS_* settings as docs/protocol.md's table says. ``base`` holds what they
 share: the provider interface, the HTTP failure rules and the per-number fan-out.
 """
 

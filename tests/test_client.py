@@ -8,8 +8,12 @@ server keeps running); ``AsyncClient`` is awaited directly.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import shutil
 import ssl
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,13 +46,22 @@ from notifier import (
     UnknownOp,
     UnknownTemplate,
 )
-from notifier.client._core import Batch, Poller, Progress, parse_answer, worth_retrying
+from notifier.client._core import (
+    Batch,
+    Poller,
+    Progress,
+    Suppression,
+    parse_answer,
+    worth_retrying,
+)
 from notifier.errors import ERRORS_BY_CODE, ErrorCode
 from notifier.store import StoreUnavailable
+from tests.support.line_server import FakeSuppressions, line_server
 from tests.support.proxy import dropping_proxy
 from tests.support.server import RunningServer, ServerProcess, free_port, running_server
 from tests.support.waiting import wait_for
 
+ROOT = Path(__file__).resolve().parent.parent
 SMS: dict[str, Any] = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
 ENV = ("NOTIFIER_HOST", "NOTIFIER_PORT", "NOTIFIER_TOKEN", "NOTIFIER_CA_FILE")
 
@@ -150,6 +163,12 @@ def test_send_line_is_one_json_line_of_the_protocol() -> None:
     assert request["text"] == "line one\nline two"
     assert datetime.fromisoformat(request["send_at"]) == datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert request["data"] == {"name": "Ada"}
+
+
+def test_the_send_fields_of_version_1_1_pass_through() -> None:
+    fields = {"priority": "high", "collapse_key": "otp:42", "callback_url": "https://a.example/cb"}
+    request = json.loads(Client._send_line({**SMS, **fields}))
+    assert {name: request[name] for name in fields} == fields
 
 
 @pytest.mark.parametrize(
@@ -288,6 +307,121 @@ async def test_a_closed_async_client_refuses_to_be_used_again() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         async with client:
             pass
+
+
+# The blocking client is generated from the asyncio one.
+
+
+def unasync(*args: str) -> subprocess.CompletedProcess[str]:
+    script = ROOT / "scripts" / "unasync.py"
+    command = [sys.executable, str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_blocking_client_is_what_unasync_makes_of_the_asyncio_one() -> None:
+    result = unasync("--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unasync_check_fails_on_a_stale_blocking_client_until_regenerated(tmp_path: Path) -> None:
+    client = tmp_path / "notifier" / "client"
+    client.mkdir(parents=True)
+    for name in ("_async.py", "_sync.py"):
+        shutil.copy(ROOT / "notifier" / "client" / name, client / name)
+    ping = "    async def ping(self) -> None:\n"
+    shout = '    async def shout(self) -> None:\n        """Ping, louder."""\n'
+    source = (client / "_async.py").read_text()
+    assert ping in source
+    (client / "_async.py").write_text(
+        source.replace(ping, shout + "        await self.ping()\n\n" + ping)
+    )
+    stale = unasync("--check", "--root", str(tmp_path))
+    assert stale.returncode == 1 and "notifier/client/_sync.py is stale" in stale.stderr
+    assert unasync("--root", str(tmp_path)).returncode == 0
+    assert unasync("--check", "--root", str(tmp_path)).returncode == 0
+    generated = (client / "_sync.py").read_text()
+    assert (
+        '    def shout(self) -> None:\n        """Ping, louder."""\n        self.ping()\n'
+        in generated
+    )
+    assert generated.startswith("# Generated from notifier/client/_async.py")
+
+
+def _public_api(cls: type) -> dict[str, inspect.Signature]:
+    names = {name for name in dir(cls) if not name.startswith("_") or name == "__init__"}
+    return {name: inspect.signature(getattr(cls, name)) for name in names}
+
+
+def test_both_clients_have_the_same_methods_and_signatures_and_full_docstrings() -> None:
+    api = _public_api(AsyncClient)
+    api["close"] = api.pop("aclose")
+    assert _public_api(Client) == api
+    for name in ("__enter__", "__exit__"):
+        twin = getattr(AsyncClient, name.replace("__", "__a", 1))
+        assert inspect.signature(getattr(Client, name)) == inspect.signature(twin)
+    for name, method in vars(AsyncClient).items():
+        if not name.startswith("_") and callable(method):
+            assert method.__doc__, f"AsyncClient.{name} has no docstring"
+            assert "See ``Client" not in method.__doc__
+
+
+# Both clients against a line server, for the suppression ops.
+
+
+async def test_suppress_list_and_unsuppress(connect: Connect) -> None:
+    async with line_server(FakeSuppressions()) as server:
+        client = connect(server.port)
+        assert await client("suppressions") == []
+        assert await client("suppress", "ada@example.com", reason="asked us to stop") is None
+        await client("suppress", "bob@example.com")
+        assert server.requests[-2:] == [
+            {"op": "suppress", "address": "ada@example.com", "reason": "asked us to stop"},
+            {"op": "suppress", "address": "bob@example.com"},
+        ]
+        listed = await client("suppressions")
+        assert [(s.address, s.reason) for s in listed] == [
+            ("ada@example.com", "asked us to stop"),
+            ("bob@example.com", None),
+        ]
+        assert listed[0].created_at == datetime(2030, 1, 1, 10, tzinfo=UTC)
+        assert await client("unsuppress", "ada@example.com") is True
+        assert await client("unsuppress", "ada@example.com") is False
+        assert server.requests[-1] == {"op": "unsuppress", "address": "ada@example.com"}
+        assert [s.address for s in await client("suppressions")] == ["bob@example.com"]
+
+
+@pytest.mark.parametrize("call", [("suppress", ""), ("unsuppress", " "), ("suppress", 7)])
+async def test_a_suppression_without_an_address_is_refused_before_sending(
+    connect: Connect, call: tuple[str, Any]
+) -> None:
+    async with line_server(FakeSuppressions()) as server:
+        with pytest.raises(InvalidRequest, match="address"):
+            await connect(server.port)(*call)
+        assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("suppressions", {"ok": True}),
+        ("suppressions", {"ok": True, "suppressions": [{"address": "a@example.com"}]}),
+        ("unsuppress", {"ok": True}),
+    ],
+    ids=["no-list", "no-created-at", "no-removed"],
+)
+async def test_a_suppression_answer_of_the_wrong_shape_is_a_connection_error(
+    connect: Connect, method: str, answer: dict[str, Any]
+) -> None:
+    async with line_server(lambda request: answer) as server:
+        args = ["a@example.com"] if method == "unsuppress" else []
+        with pytest.raises(NotifierConnectionError, match="not a notifier answer"):
+            await connect(server.port, retry_timeout=0)(method, *args)
+
+
+def test_a_suppression_is_json_ready_in_the_protocols_shape() -> None:
+    entry = {"address": "a@example.com", "reason": None, "created_at": "2030-01-01T10:00:00.000Z"}
+    suppression = Suppression.from_answer({**entry, "source": "bounce"})
+    assert suppression.as_dict() == {**entry, "source": "bounce"}
 
 
 # Both clients against the real service.

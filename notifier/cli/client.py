@@ -1,5 +1,6 @@
 """``notifier send``, ``status``, ``cancel``, ``ping`` and the admin commands ``jobs``,
-``retry`` and ``purge``: the command-line client.
+``retry``, ``purge``, ``suppressions``, ``suppress`` and ``unsuppress``: the command-line
+client, built on the public ``notifier.Client`` only.
 
 The admin commands talk to the running service over its protocol (behind the same auth), so
 they work the same against a container as locally.
@@ -20,10 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from notifier.client._core import DEFAULT_RETRY_TIMEOUT
-from notifier.client._sync import Client
-from notifier.errors import NotifierError
-from notifier.models import JobStatus
+from notifier import Client, JobStatus, NotifierError
 
 Command = Callable[[Client, argparse.Namespace], int]
 
@@ -58,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     retry.add_argument("--since", metavar="WHEN", help="with --failed: 1h, 2d or RFC 3339")
     purge = add("purge", _purge, "delete finished jobs older than a duration")
     purge.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, ...")
+    listing = add("suppressions", _suppressions, "list the addresses email is not sent to")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    suppress = add("suppress", _suppress, "stop sending email to an address")
+    suppress.add_argument("address", help="the email address")
+    suppress.add_argument("--reason", help="why, for whoever lists the suppressions later")
+    unsuppress = add("unsuppress", _unsuppress, "send email to a suppressed address again")
+    unsuppress.add_argument("address", help="the email address")
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -75,9 +80,9 @@ def _connection_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--retry-timeout",
         type=float,
-        default=DEFAULT_RETRY_TIMEOUT,
         metavar="SECONDS",
-        help="how long to keep reconnecting to an unreachable server (default: %(default)s)",
+        help="how long to keep reconnecting to an unreachable server (default: the Python "
+        "client's, 10)",
     )
     return parser
 
@@ -114,6 +119,15 @@ def _send_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--send-at", metavar="RFC3339", help="deliver no earlier than this")
     parser.add_argument("--idempotency-key", metavar="KEY", help="send at most once per key")
     parser.add_argument(
+        "--priority", choices=("high", "normal", "low"), help="order among due jobs (normal)"
+    )
+    parser.add_argument(
+        "--collapse-key", metavar="KEY", help="supersede older unsent jobs with this key"
+    )
+    parser.add_argument(
+        "--callback-url", metavar="URL", help="where the job's events are POSTed (http/https)"
+    )
+    parser.add_argument(
         "--wait",
         action="store_true",
         help="wait until the job is delivered; exit 1 if it fails or is cancelled",
@@ -149,14 +163,9 @@ def _handler(command: Command) -> Callable[[argparse.Namespace], int]:
     """Run ``command`` with a client, turning every failure into ``error: code: message``."""
 
     def handle(args: argparse.Namespace) -> int:
+        retry = {} if args.retry_timeout is None else {"retry_timeout": args.retry_timeout}
         try:
-            client = Client(
-                args.host,
-                args.port,
-                args.token,
-                ca_file=args.ca_file,
-                retry_timeout=args.retry_timeout,
-            )
+            client = Client(args.host, args.port, args.token, ca_file=args.ca_file, **retry)
         except (ValueError, OSError) as exc:
             return _fail("settings", str(exc), status=2)
         try:
@@ -175,19 +184,16 @@ def _fail(code: str, message: str, *, status: int = 1) -> int:
     return status
 
 
+#: The options of ``send`` that are fields of the job, under the protocol's names.
+_FIELDS = (
+    "subject", "text", "html", "cc", "bcc", "reply_to", "template", "data", "send_at",
+    "idempotency_key", "priority", "collapse_key", "callback_url",
+)  # fmt: skip
+
+
 def _send(client: Client, args: argparse.Namespace) -> int:
     """Store a job on the server and print its id once it is stored durably."""
-    fields = {
-        name: getattr(args, name)
-        for name in ("subject", "text", "html", "cc", "bcc", "reply_to", "template", "data")
-    }
-    job_id = client.send(
-        args.channel,
-        args.to,
-        **fields,
-        send_at=args.send_at,
-        idempotency_key=args.idempotency_key,
-    )
+    job_id = client.send(args.channel, args.to, **{name: getattr(args, name) for name in _FIELDS})
     print(job_id, flush=True)
     if not args.wait:
         return 0
@@ -235,11 +241,15 @@ def _jobs(client: Client, args: argparse.Namespace) -> int:
             print(json.dumps(info.as_dict(), ensure_ascii=False))
         return 0
     columns = ("id", "channel", "status", "attempts", "updated_at", "last_error")
-    rows = [[_show(info.as_dict()[name]) for name in columns] for info in jobs]
+    _table(columns, [info.as_dict() for info in jobs])
+    return 0
+
+
+def _table(columns: tuple[str, ...], entries: list[dict[str, Any]]) -> None:
+    rows = [[_show(entry[name]) for name in columns] for entry in entries]
     widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, name in enumerate(columns)]
     for row in [list(columns), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    return 0
 
 
 def _retry(client: Client, args: argparse.Namespace) -> int:
@@ -256,6 +266,33 @@ def _retry(client: Client, args: argparse.Namespace) -> int:
 def _purge(client: Client, args: argparse.Namespace) -> int:
     """Delete delivered, failed and cancelled jobs last changed longer ago than --older-than."""
     print(f"purged {client.purge(older_than=args.older_than)} job(s)")
+    return 0
+
+
+def _suppressions(client: Client, args: argparse.Namespace) -> int:
+    """List the suppressed addresses (hard bounces and ``notifier suppress``), as a table
+    (or JSON lines with --json)."""
+    entries = [entry.as_dict() for entry in client.suppressions()]
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry, ensure_ascii=False))
+        return 0
+    _table(("address", "created_at", "reason"), entries)
+    return 0
+
+
+def _suppress(client: Client, args: argparse.Namespace) -> int:
+    """Stop sending email to an address; later jobs list it as refused."""
+    client.suppress(args.address, args.reason)
+    print(f"suppressed {args.address}")
+    return 0
+
+
+def _unsuppress(client: Client, args: argparse.Namespace) -> int:
+    """Send email to a suppressed address again (exit 1 if it was not suppressed)."""
+    if not client.unsuppress(args.address):
+        return _fail("not_found", f"{args.address} was not suppressed")
+    print(f"unsuppressed {args.address}")
     return 0
 
 

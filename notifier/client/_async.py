@@ -1,10 +1,14 @@
-"""The asyncio client: one stream connection (TLS optional), on which requests take turns."""
+"""The asyncio client: one connection (TLS optional), on which requests take turns.
+
+This file is also the source of the blocking ``Client``: ``scripts/unasync.py`` writes
+``_sync.py`` from it by substituting tokens (``async def`` -> ``def``, ``await `` -> nothing,
+``AsyncConnection`` -> ``SyncConnection``, ...). Edit this file, then run
+``python scripts/unasync.py``; a test fails while ``_sync.py`` is stale. The I/O primitives
+that differ between the two live in ``_transports``, in pairs of the same shape.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -14,7 +18,6 @@ from tenacity import AsyncRetrying
 
 from notifier.client._core import (
     DEFAULT_WINDOW,
-    MAX_ANSWER_BYTES,
     Batch,
     ClientCore,
     EmailFields,
@@ -24,88 +27,36 @@ from notifier.client._core import (
     Progress,
     Recipients,
     SendResult,
-    bad_answer,
-    connection_lost,
+    Suppression,
     encode_request,
     job_id,
     keeps_connection,
-    parse_answer,
+    removed,
+    suppressions,
 )
+from notifier.client._transports import AsyncConnection, AsyncLock, async_sleep
 
 T = TypeVar("T")
 
 
-class _Connection:
-    """A stream connection; every wait on it is bounded by ``timeout``."""
+class AsyncClient(ClientCore[AsyncConnection, AsyncLock]):
+    """A notifier client for asyncio. It connects on first use and reconnects by itself; one
+    client can be shared between tasks, whose requests take turns on its connection.
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        timeout: float | None,
-        peer: str,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._timeout = timeout
-        self._peer = peer
+    ``host``, ``port`` and ``token`` default to ``NOTIFIER_HOST``, ``NOTIFIER_PORT`` and
+    ``NOTIFIER_TOKEN`` (then ``127.0.0.1:7725``, no token). The token is sent once per
+    connection, as ``{"op": "auth"}``, right after connecting.
 
-    @classmethod
-    async def open(
-        cls, host: str, port: int, context: ssl.SSLContext | None, timeout: float | None, peer: str
-    ) -> _Connection:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=context, limit=MAX_ANSWER_BYTES
-                )
-        except OSError as exc:
-            raise connection_lost(f"cannot connect to {peer}", exc) from exc
-        return cls(reader, writer, timeout, peer)
+    TLS is on with ``ca_file`` (a CA bundle to trust, default ``NOTIFIER_CA_FILE``), with
+    ``tls=True`` (the system's CAs) or with your own ``ssl.SSLContext`` as ``tls``.
 
-    async def write(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-            async with asyncio.timeout(self._timeout):
-                await self._writer.drain()
-        except OSError as exc:
-            raise connection_lost(f"cannot write to {self._peer}", exc) from exc
-
-    async def readline(self) -> bytes:
-        try:
-            async with asyncio.timeout(self._timeout):
-                line = await self._reader.readline()
-        except OSError as exc:
-            raise connection_lost(f"no answer from {self._peer}", exc) from exc
-        except ValueError:
-            raise bad_answer(f"longer than {MAX_ANSWER_BYTES} bytes") from None
-        if line.endswith(b"\n"):
-            return line
-        closed = ConnectionResetError("the server closed the connection")
-        raise connection_lost(f"no answer from {self._peer}", closed)
-
-    async def request(self, line: bytes) -> dict[str, Any]:
-        await self.write(line)
-        return parse_answer(await self.readline())
-
-    def close(self) -> None:
-        """Close at once, without waiting: safe in a task that is being cancelled."""
-        self._writer.close()
-
-    async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-
-
-class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
-    """The asyncio twin of ``Client``, with the same arguments and methods, awaited.
-
-    One client can be shared between tasks: their requests take turns on its connection.
+    ``timeout`` bounds each connect, write and wait for an answer (None: no bound).
+    ``retry_timeout`` is how long to keep reconnecting and sending again after a lost
+    connection or an ``unavailable`` answer before raising (0: never retry).
     """
 
-    def _new_lock(self) -> asyncio.Lock:
-        return asyncio.Lock()
+    def _new_lock(self) -> AsyncLock:
+        return AsyncLock()
 
     async def __aenter__(self) -> Self:
         self._check_open()
@@ -128,73 +79,105 @@ class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
                 await connection.aclose()
 
     async def send(self, channel: str, to: Recipients, **fields: Any) -> str:
-        """See ``Client.send``."""
+        """Store a job and return its id once the server has stored it durably.
+
+        ``fields`` are the protocol's (``subject``, ``text``, ``template``, ``data``,
+        ``priority``, ``collapse_key``, ``callback_url``, ...). Raises the ``NotifierError``
+        of the server's answer, or ``InvalidRequest`` before sending anything if the job
+        cannot be valid.
+        """
         line = self._send_line({"channel": channel, "to": to, **fields})
         return job_id(await self._request(line))
 
     async def send_email(self, to: Recipients, **fields: Unpack[EmailFields]) -> str:
+        """``send`` on the email channel, with typed keyword arguments."""
         return await self.send("email", to, **fields)
 
     async def send_sms(self, to: Recipients, **fields: Unpack[JobFields]) -> str:
+        """``send`` on the SMS channel, with typed keyword arguments."""
         return await self.send("sms", to, **fields)
 
     async def send_many(
         self, jobs: Iterable[Mapping[str, Any]], *, window: int = DEFAULT_WINDOW
     ) -> list[SendResult]:
-        """See ``Client.send_many``."""
+        """Send many jobs on one connection, pipelined, and return their results in order.
+
+        Each job is a mapping of the fields of ``send`` (``channel``, ``to``, ...). A refused
+        job gets its error in its result; the others are stored all the same.
+        """
         batch = self._batch(jobs, window)
         if not batch.done:
             await self._call(lambda connection: self._run_batch(batch, connection), batch.progress)
         return batch.results()
 
     async def status(self, job_id: str) -> JobInfo:
-        """See ``Client.status``."""
+        """The job's state; ``NotFound`` for an unknown id."""
         return JobInfo.from_answer(await self._request(self._job_line("status", job_id)))
 
     async def cancel(self, job_id: str) -> JobInfo:
-        """See ``Client.cancel``."""
+        """Cancel a job not delivered yet; ``NotFound`` for an unknown id. The answer says
+        ``cancelled``, or ``delivered``/``failed`` when it was already too late."""
         return JobInfo.from_answer(await self._request(self._job_line("cancel", job_id)))
 
     async def jobs(
         self, *, status: str | None = None, since: str | datetime | None = None, limit: int = 100
     ) -> list[JobInfo]:
-        """See ``Client.jobs``."""
-        answer = await self._request(
-            self._admin_line("jobs", status=status, since=since, limit=limit)
-        )
+        """Jobs changed since ``since`` (a duration such as ``"1h"``, or a time), newest first."""
+        line = self._admin_line("jobs", status=status, since=since, limit=limit)
+        answer = await self._request(line)
         return [JobInfo.from_answer(job) for job in answer["jobs"]]
 
     async def retry(
         self, job_id: str | None = None, *, since: str | datetime | None = None
     ) -> list[str]:
-        """See ``Client.retry``."""
+        """Requeue a failed job, or every job failed since ``since``; returns the ids requeued.
+
+        Re-sent after a lost connection like every request: retrying one id that the first try
+        already requeued answers ``InvalidRequest`` (it is no longer failed).
+        """
         answer = await self._request(self._admin_line("retry", id=job_id, since=since))
         return list(answer["ids"])
 
     async def purge(self, *, older_than: str | float) -> int:
-        """See ``Client.purge``."""
-        return int(
-            (await self._request(self._admin_line("purge", older_than=older_than)))["purged"]
-        )
+        """Delete finished jobs older than ``older_than`` (``"30d"``, or seconds)."""
+        answer = await self._request(self._admin_line("purge", older_than=older_than))
+        return int(answer["purged"])
+
+    async def suppressions(self) -> list[Suppression]:
+        """The addresses email jobs no longer send to (hard bounces, or ``suppress``)."""
+        return suppressions(await self._request(self._admin_line("suppressions")))
+
+    async def suppress(self, address: str, reason: str | None = None) -> None:
+        """Stop sending email to ``address``: later jobs list it in ``results.refused``."""
+        await self._request(self._address_line("suppress", address, reason))
+
+    async def unsuppress(self, address: str) -> bool:
+        """Send to ``address`` again; False if it was not suppressed.
+
+        Re-sent after a lost connection like every request: when the first try removed the
+        address, the answer to the second is False.
+        """
+        return removed(await self._request(self._address_line("unsuppress", address)))
 
     async def ping(self) -> None:
-        """See ``Client.ping``."""
+        """Check that the server answers (and accepts the token, if there is one)."""
         await self._request(encode_request({"op": "ping"}))
 
     async def wait(self, job_id: str, *, timeout: float = 60.0, interval: float = 1.0) -> JobInfo:
-        """See ``Client.wait``."""
+        """Poll the job until it is delivered, failed or cancelled; TimeoutError after
+        ``timeout`` seconds. Polls often at first, then every ``interval`` seconds."""
         poller = Poller(timeout, interval)
         while True:
             info = await self.status(job_id)
             if info.final:
                 return info
-            await asyncio.sleep(poller.next_delay(info))
+            await async_sleep(poller.next_delay(info))
 
     async def _request(self, line: bytes) -> dict[str, Any]:
         return await self._call(lambda connection: connection.request(line))
 
     @staticmethod
-    async def _run_batch(batch: Batch, connection: _Connection) -> None:
+    async def _run_batch(batch: Batch, connection: AsyncConnection) -> None:
         batch.rewind()
         while not batch.done:
             if chunk := batch.to_write():
@@ -202,16 +185,15 @@ class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
             batch.on_answer(await connection.readline())
 
     async def _call(
-        self, exchange: Callable[[_Connection], Awaitable[T]], progress: Progress | None = None
+        self, exchange: Callable[[AsyncConnection], Awaitable[T]], progress: Progress | None = None
     ) -> T:
         async with self._lock:
             self._check_open()
-            result: T = await AsyncRetrying(**self._retry_options(progress))(
-                self._attempt, exchange
-            )
+            retrying = AsyncRetrying(**self._retry_options(progress))
+            result: T = await retrying(self._attempt, exchange)
             return result
 
-    async def _attempt(self, exchange: Callable[[_Connection], Awaitable[T]]) -> T:
+    async def _attempt(self, exchange: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         connection = self._conn or await self._connect()
         try:
             return await exchange(connection)
@@ -220,8 +202,8 @@ class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
                 self._drop()
             raise
 
-    async def _connect(self) -> _Connection:
-        connection = await _Connection.open(
+    async def _connect(self) -> AsyncConnection:
+        connection = await AsyncConnection.open(
             self.host, self.port, self._ssl_context, self.timeout, self._peer
         )
         auth = self._auth_line()
@@ -235,6 +217,8 @@ class AsyncClient(ClientCore[_Connection, asyncio.Lock]):
         return connection
 
     def _drop(self) -> None:
+        """Close at once, without waiting: an answer may still be on its way, and must not be
+        taken for the next request's."""
         connection, self._conn = self._conn, None
         if connection is not None:
             connection.close()

@@ -1,10 +1,11 @@
 """The protocol side of the client, shared by ``Client`` and ``AsyncClient``: no I/O here.
 
 Every request this client sends can be sent again without harm: a ``send`` always carries an
-idempotency key (a uuid4 unless the caller gave one), and ``status``, ``cancel``, ``ping``
-and ``auth`` change nothing when repeated. So when a connection drops or the server restarts,
-the client reconnects with backoff and sends again whatever was not answered, and a job is
-still stored, and delivered, once.
+idempotency key (a uuid4 unless the caller gave one), ``status``, ``cancel``, ``ping``
+and ``auth`` change nothing when repeated, and ``suppress``/``unsuppress`` end in the same
+state (only what they answer can differ, as their docstrings say). So when a connection
+drops or the server restarts, the client reconnects with backoff and sends again whatever
+was not answered, and a job is still stored, and delivered, once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypedDict, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from pydantic import ValidationError
 from tenacity import RetryCallState, retry_if_exception, wait_exponential, wait_random
@@ -45,6 +46,9 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 #: One address or number, or several.
 Recipients = str | Sequence[str]
 _RECIPIENT_FIELDS = ("to", "cc", "bcc", "reply_to")
+#: Send fields of protocol 1.1 that the client passes through for the server to check, unless
+#: the protocol model it checks jobs with knows them.
+_PASSED_THROUGH = ("priority", "collapse_key", "callback_url")
 
 
 class JobFields(TypedDict, total=False):
@@ -56,6 +60,9 @@ class JobFields(TypedDict, total=False):
     send_at: datetime | str
     idempotency_key: str
     ref: str | int
+    priority: Literal["high", "normal", "low"]
+    collapse_key: str
+    callback_url: str
 
 
 class EmailFields(JobFields, total=False):
@@ -116,6 +123,41 @@ class JobInfo:
             "last_error": self.last_error,
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
+            **self.extra,
+        }
+
+
+_SUPPRESSION_FIELDS = ("address", "reason", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """An address that email jobs no longer send to, as ``suppressions()`` lists it."""
+
+    address: str
+    reason: str | None
+    created_at: datetime
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_answer(cls, entry: Mapping[str, Any]) -> Suppression:
+        try:
+            reason = entry.get("reason")
+            return cls(
+                address=str(entry["address"]),
+                reason=None if reason is None else str(reason),
+                created_at=datetime.fromisoformat(entry["created_at"]),
+                extra={k: v for k, v in entry.items() if k not in _SUPPRESSION_FIELDS},
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise bad_answer(f"suppression without a valid {exc}") from exc
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready data, in the protocol's own shape."""
+        return {
+            "address": self.address,
+            "reason": self.reason,
+            "created_at": isoformat(self.created_at),
             **self.extra,
         }
 
@@ -213,6 +255,20 @@ def job_id(answer: Mapping[str, Any]) -> str:
     value = answer.get("id")
     if not isinstance(value, str):
         raise bad_answer("a send answer without an id")
+    return value
+
+
+def suppressions(answer: Mapping[str, Any]) -> list[Suppression]:
+    entries = answer.get("suppressions")
+    if not isinstance(entries, list):
+        raise bad_answer("a suppressions answer without a list of suppressions")
+    return [Suppression.from_answer(entry) for entry in entries]
+
+
+def removed(answer: Mapping[str, Any]) -> bool:
+    value = answer.get("removed")
+    if not isinstance(value, bool):
+        raise bad_answer("an unsuppress answer without removed: true or false")
     return value
 
 
@@ -404,8 +460,10 @@ class ClientCore(Generic[ConnT, LockT]):
             if isinstance(value, Sequence) and not isinstance(value, str):
                 request[name] = list(value)
         request.setdefault("idempotency_key", str(uuid.uuid4()))
+        known = SendRequest.model_fields
+        checked = {k: v for k, v in request.items() if k in known or k not in _PASSED_THROUGH}
         try:
-            SendRequest.model_validate(request)
+            SendRequest.model_validate(checked)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_error(exc)) from None
         return encode_request(request)
@@ -418,8 +476,18 @@ class ClientCore(Generic[ConnT, LockT]):
 
     @staticmethod
     def _admin_line(op: str, **fields: Any) -> bytes:
-        """``jobs``, ``retry``, ``purge``: the operations behind the admin commands."""
+        """``jobs``, ``retry``, ``purge``, ``suppressions``: the operations behind the admin
+        commands."""
         return encode_request({"op": op, **{k: v for k, v in fields.items() if v is not None}})
+
+    @classmethod
+    def _address_line(cls, op: str, address: str, reason: str | None = None) -> bytes:
+        """``suppress`` and ``unsuppress``: refused before sending unless the address is one."""
+        if not isinstance(address, str) or not address.strip():
+            raise InvalidRequest("address: must be a non-empty string")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidRequest("reason: must be a string")
+        return cls._admin_line(op, address=address, reason=reason)
 
     def _batch(self, jobs: Iterable[Mapping[str, Any]], window: int) -> Batch:
         lines: list[bytes | NotifierError] = []

@@ -1,3 +1,5 @@
+# Generated from notifier/client/_async.py by scripts/unasync.py: do not edit.
+# Edit notifier/client/_async.py, then run `python scripts/unasync.py`.
 """The blocking client: one socket (TLS optional), on which requests take turns.
 
 It runs no event loop of its own, so it works anywhere, a running loop's executor threads
@@ -6,10 +8,6 @@ included (``await loop.run_in_executor(None, client.send, ...)``).
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -19,7 +17,6 @@ from tenacity import Retrying
 
 from notifier.client._core import (
     DEFAULT_WINDOW,
-    MAX_ANSWER_BYTES,
     Batch,
     ClientCore,
     EmailFields,
@@ -29,69 +26,19 @@ from notifier.client._core import (
     Progress,
     Recipients,
     SendResult,
-    bad_answer,
-    connection_lost,
+    Suppression,
     encode_request,
     job_id,
     keeps_connection,
-    parse_answer,
+    removed,
+    suppressions,
 )
+from notifier.client._transports import SyncConnection, SyncLock, sync_sleep
 
 T = TypeVar("T")
 
 
-class _Connection:
-    """A connected socket, read through a buffer so that one read can take many answers."""
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self._sock = sock
-        self._file = sock.makefile("rb")
-        self._peer = peer
-
-    @classmethod
-    def open(
-        cls, host: str, port: int, context: ssl.SSLContext | None, timeout: float | None, peer: str
-    ) -> _Connection:
-        sock = None
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if context is not None:
-                sock = context.wrap_socket(sock, server_hostname=host)
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
-            raise connection_lost(f"cannot connect to {peer}", exc) from exc
-        return cls(sock, peer)
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            raise connection_lost(f"cannot write to {self._peer}", exc) from exc
-
-    def readline(self) -> bytes:
-        try:
-            line = self._file.readline(MAX_ANSWER_BYTES)
-        except OSError as exc:
-            raise connection_lost(f"no answer from {self._peer}", exc) from exc
-        if line.endswith(b"\n"):
-            return line
-        if len(line) >= MAX_ANSWER_BYTES:
-            raise bad_answer(f"longer than {MAX_ANSWER_BYTES} bytes")
-        closed = ConnectionResetError("the server closed the connection")
-        raise connection_lost(f"no answer from {self._peer}", closed)
-
-    def request(self, line: bytes) -> dict[str, Any]:
-        self.write(line)
-        return parse_answer(self.readline())
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-
-class Client(ClientCore[_Connection, threading.Lock]):
+class Client(ClientCore[SyncConnection, SyncLock]):
     """A blocking notifier client. It connects on first use and reconnects by itself; one
     client can be shared between threads, whose requests take turns on its connection.
 
@@ -107,8 +54,8 @@ class Client(ClientCore[_Connection, threading.Lock]):
     connection or an ``unavailable`` answer before raising (0: never retry).
     """
 
-    def _new_lock(self) -> threading.Lock:
-        return threading.Lock()
+    def _new_lock(self) -> SyncLock:
+        return SyncLock()
 
     def __enter__(self) -> Self:
         self._check_open()
@@ -126,22 +73,27 @@ class Client(ClientCore[_Connection, threading.Lock]):
         """Close the connection. The client cannot be used again (RuntimeError)."""
         with self._lock:
             self._closed = True
-            self._drop()
+            connection, self._conn = self._conn, None
+            if connection is not None:
+                connection.close()
 
     def send(self, channel: str, to: Recipients, **fields: Any) -> str:
         """Store a job and return its id once the server has stored it durably.
 
-        ``fields`` are the protocol's (``subject``, ``text``, ``template``, ``data``, ...).
-        Raises the ``NotifierError`` of the server's answer, or ``InvalidRequest`` before
-        sending anything if the job cannot be valid.
+        ``fields`` are the protocol's (``subject``, ``text``, ``template``, ``data``,
+        ``priority``, ``collapse_key``, ``callback_url``, ...). Raises the ``NotifierError``
+        of the server's answer, or ``InvalidRequest`` before sending anything if the job
+        cannot be valid.
         """
         line = self._send_line({"channel": channel, "to": to, **fields})
         return job_id(self._request(line))
 
     def send_email(self, to: Recipients, **fields: Unpack[EmailFields]) -> str:
+        """``send`` on the email channel, with typed keyword arguments."""
         return self.send("email", to, **fields)
 
     def send_sms(self, to: Recipients, **fields: Unpack[JobFields]) -> str:
+        """``send`` on the SMS channel, with typed keyword arguments."""
         return self.send("sms", to, **fields)
 
     def send_many(
@@ -170,7 +122,8 @@ class Client(ClientCore[_Connection, threading.Lock]):
         self, *, status: str | None = None, since: str | datetime | None = None, limit: int = 100
     ) -> list[JobInfo]:
         """Jobs changed since ``since`` (a duration such as ``"1h"``, or a time), newest first."""
-        answer = self._request(self._admin_line("jobs", status=status, since=since, limit=limit))
+        line = self._admin_line("jobs", status=status, since=since, limit=limit)
+        answer = self._request(line)
         return [JobInfo.from_answer(job) for job in answer["jobs"]]
 
     def retry(self, job_id: str | None = None, *, since: str | datetime | None = None) -> list[str]:
@@ -184,7 +137,24 @@ class Client(ClientCore[_Connection, threading.Lock]):
 
     def purge(self, *, older_than: str | float) -> int:
         """Delete finished jobs older than ``older_than`` (``"30d"``, or seconds)."""
-        return int(self._request(self._admin_line("purge", older_than=older_than))["purged"])
+        answer = self._request(self._admin_line("purge", older_than=older_than))
+        return int(answer["purged"])
+
+    def suppressions(self) -> list[Suppression]:
+        """The addresses email jobs no longer send to (hard bounces, or ``suppress``)."""
+        return suppressions(self._request(self._admin_line("suppressions")))
+
+    def suppress(self, address: str, reason: str | None = None) -> None:
+        """Stop sending email to ``address``: later jobs list it in ``results.refused``."""
+        self._request(self._address_line("suppress", address, reason))
+
+    def unsuppress(self, address: str) -> bool:
+        """Send to ``address`` again; False if it was not suppressed.
+
+        Re-sent after a lost connection like every request: when the first try removed the
+        address, the answer to the second is False.
+        """
+        return removed(self._request(self._address_line("unsuppress", address)))
 
     def ping(self) -> None:
         """Check that the server answers (and accepts the token, if there is one)."""
@@ -198,26 +168,27 @@ class Client(ClientCore[_Connection, threading.Lock]):
             info = self.status(job_id)
             if info.final:
                 return info
-            time.sleep(poller.next_delay(info))
+            sync_sleep(poller.next_delay(info))
 
     def _request(self, line: bytes) -> dict[str, Any]:
         return self._call(lambda connection: connection.request(line))
 
     @staticmethod
-    def _run_batch(batch: Batch, connection: _Connection) -> None:
+    def _run_batch(batch: Batch, connection: SyncConnection) -> None:
         batch.rewind()
         while not batch.done:
             if chunk := batch.to_write():
                 connection.write(chunk)
             batch.on_answer(connection.readline())
 
-    def _call(self, exchange: Callable[[_Connection], T], progress: Progress | None = None) -> T:
+    def _call(self, exchange: Callable[[SyncConnection], T], progress: Progress | None = None) -> T:
         with self._lock:
             self._check_open()
-            result: T = Retrying(**self._retry_options(progress))(self._attempt, exchange)
+            retrying = Retrying(**self._retry_options(progress))
+            result: T = retrying(self._attempt, exchange)
             return result
 
-    def _attempt(self, exchange: Callable[[_Connection], T]) -> T:
+    def _attempt(self, exchange: Callable[[SyncConnection], T]) -> T:
         connection = self._conn or self._connect()
         try:
             return exchange(connection)
@@ -226,8 +197,8 @@ class Client(ClientCore[_Connection, threading.Lock]):
                 self._drop()
             raise
 
-    def _connect(self) -> _Connection:
-        connection = _Connection.open(
+    def _connect(self) -> SyncConnection:
+        connection = SyncConnection.open(
             self.host, self.port, self._ssl_context, self.timeout, self._peer
         )
         auth = self._auth_line()
@@ -241,6 +212,8 @@ class Client(ClientCore[_Connection, threading.Lock]):
         return connection
 
     def _drop(self) -> None:
+        """Close at once, without waiting: an answer may still be on its way, and must not be
+        taken for the next request's."""
         connection, self._conn = self._conn, None
         if connection is not None:
             connection.close()

@@ -100,7 +100,7 @@ class NoopChannel(Channel):
 
 
 async def preload(url: str, jobs: int) -> None:
-    store = PostgresStore(url, settings_for(url))
+    store = PostgresStore.from_settings(settings_for(url))
     await store.open()
     try:
         for start in range(0, jobs, 1000):
@@ -116,7 +116,7 @@ async def preload(url: str, jobs: int) -> None:
 
 async def notifier_deliveries(url: str, go: float, done: multiprocessing.Queue[float]) -> None:
     settings = settings_for(url)
-    store = PostgresStore(url, settings)
+    store = PostgresStore.from_settings(settings)
     await store.open()
     dispatcher = Dispatcher(store, {"sms": NoopChannel()}, settings, metrics=Metrics())
     await asyncio.sleep(max(0.0, go - time.time()))
@@ -204,9 +204,9 @@ class SignallingChannel(Channel):
 async def _wakeups(url: str, instances: int, count: int) -> list[float]:
     settings = settings_for(url, poll_interval=30.0)
     arrived = asyncio.Event()
-    sender = PostgresStore(url, settings)
+    sender = PostgresStore.from_settings(settings)
     await sender.open()
-    receivers = [PostgresStore(url, settings) for _ in range(instances)]
+    receivers = [PostgresStore.from_settings(settings) for _ in range(instances)]
     dispatchers = []
     for store in receivers:
         await store.open()

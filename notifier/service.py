@@ -32,7 +32,7 @@ log = logging.getLogger("notifier")
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: Store = open_store(settings.database_url, settings)
+        self.store: Store = open_store(settings)
         self.templates = Templates(settings.templates_dir)
         self.channels: dict[str, Channel] = {}
         self.metrics = Metrics()

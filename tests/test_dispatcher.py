@@ -53,7 +53,7 @@ def fail_then_deliver(failures: int, error: Callable[[], DeliveryError]) -> Scri
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path}/jobs.db")
+    opened = open_store(isolated_settings(tmp_path))
     await opened.open()
     yield opened
     await opened.close()
@@ -204,13 +204,13 @@ async def test_work_left_in_flight_by_a_dead_process_is_taken_back_at_start(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path}/jobs.db"
-    first = open_store(url)
+    first = open_store(isolated_settings(tmp_path, database_url=url))
     await first.open()
     job_id = await enqueue(first, "+14155550101")
     assert await first.claim("sms", owner="dead", limit=10, lease_seconds=3600)
     await first.close()  # the process "dies": nothing released
 
-    second = open_store(url)
+    second = open_store(isolated_settings(tmp_path, database_url=url))
     await second.open()
     channel = ScriptedChannel(fail_then_deliver(0, lambda: TransientDeliveryError("x")))
     worker = dispatcher(second, channel, tmp_path)

@@ -19,6 +19,7 @@ from notifier.models import JobStatus, NewJob, Outcome
 from notifier.store import StoreUnavailable
 from notifier.store.postgres import PostgresStore
 from notifier.store.postgres.schema import LATEST, warn_about_upkeep
+from notifier.store.sql import FINAL, WAITING
 from tests.support.postgres import database_name, terminate_backends
 from tests.support.server import free_port, isolated_settings
 from tests.support.waiting import wait_for
@@ -34,7 +35,7 @@ async def stores(postgres_url: str, tmp_path: Path) -> AsyncIterator[Any]:
 
         async def open_instance(**overrides: Any) -> PostgresStore:
             settings = isolated_settings(tmp_path, database_url=postgres_url, **overrides)
-            store = PostgresStore(postgres_url, settings)
+            store = PostgresStore.from_settings(settings)
             await store.open()
             stack.push_async_callback(store.close)
             return store
@@ -64,6 +65,30 @@ async def test_a_schema_newer_than_the_code_is_refused(stores: Any, postgres_url
     await query(postgres_url, "INSERT INTO schema_migrations VALUES ($1, 'future')", LATEST + 1)
     with pytest.raises(StoreUnavailable, match="newer than this notifier"):
         await stores()
+
+
+async def test_the_partial_indexes_hold_the_status_groups_the_queries_name(
+    stores: Any, postgres_url: str
+) -> None:
+    """Claims, counts and purges read these indexes only while their conditions match."""
+    await stores()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("CREATE TEMP TABLE probe (status text) ON COMMIT DROP")
+            for index, condition in [("jobs_due", WAITING), ("jobs_finished", FINAL)]:
+                await conn.execute(
+                    f"CREATE INDEX {index}_probe ON probe (status) WHERE {condition}"
+                )
+                conditions = await conn.fetch(
+                    "SELECT pg_get_expr(indpred, indrelid) AS condition FROM pg_index"
+                    " WHERE indexrelid IN ($1::regclass, $2::regclass)",
+                    index,
+                    f"pg_temp.{index}_probe",
+                )
+                assert len({row["condition"] for row in conditions}) == 1, (index, conditions)
+    finally:
+        await conn.close()
 
 
 def test_migrate_command_applies_and_then_checks(
@@ -253,7 +278,7 @@ async def test_killed_connections_fail_as_unavailable_then_recover(
 
 async def test_an_unreachable_server_is_unavailable(tmp_path: Path) -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
-    store = PostgresStore(url, isolated_settings(tmp_path, database_url=url))
+    store = PostgresStore.from_settings(isolated_settings(tmp_path, database_url=url))
     with pytest.raises(StoreUnavailable):
         await store.open()
     with pytest.raises(StoreUnavailable):

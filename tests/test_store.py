@@ -6,6 +6,7 @@ already run out are made with a negative lease, so no test waits on a clock.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -14,9 +15,18 @@ from typing import Any
 
 import pytest
 
-from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome, utcnow
+from notifier.models import (
+    FINAL_STATUSES,
+    Enqueued,
+    Job,
+    JobStatus,
+    Message,
+    NewJob,
+    Outcome,
+    utcnow,
+)
 from notifier.settings import Settings
-from notifier.store import Store, open_store
+from notifier.store import Store, open_store, sql
 from tests.support.server import isolated_settings
 
 LONG = 300.0
@@ -41,7 +51,7 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def store(store_settings: Settings) -> AsyncIterator[Store]:
-    opened = open_store(store_settings.database_url, store_settings)
+    opened = open_store(store_settings)
     await opened.open()
     try:
         yield opened
@@ -145,12 +155,44 @@ async def test_enqueue_wakes_listeners(store: Store) -> None:
 async def test_jobs_survive_reopening(store: Store, store_settings: Settings) -> None:
     (job_id,) = await add(store)
     await store.close()
-    reopened = open_store(store_settings.database_url, store_settings)
+    reopened = open_store(store_settings)
     await reopened.open()
     try:
         assert await status(reopened, job_id) is JobStatus.QUEUED
     finally:
         await reopened.close()
+
+
+async def test_a_store_is_built_from_its_settings_not_the_environment(
+    store_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NOTIFIER_DATABASE_URL", f"sqlite:///{tmp_path}/elsewhere/other.db")
+    monkeypatch.setenv("NOTIFIER_DATABASE_POOL_SIZE", "not a number")
+    built = open_store(store_settings)
+    await built.open()
+    try:
+        (job_id,) = await add(built)
+        assert await status(built, job_id) is JobStatus.QUEUED
+    finally:
+        await built.close()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_an_unknown_scheme_is_named(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path, database_url="mysql://db/notifier")
+    with pytest.raises(ValueError, match=r"NOTIFIER_DATABASE_URL: unknown scheme 'mysql'"):
+        open_store(settings)
+
+
+def test_every_status_is_waiting_in_flight_or_final_and_only_one() -> None:
+    """The PostgreSQL store counts jobs by these groups: a status outside them would vanish."""
+    groups = [sql.WAITING_STATUSES, {JobStatus.SENDING}, FINAL_STATUSES]
+    assert sorted(s for group in groups for s in group) == sorted(JobStatus)
+
+
+def test_every_job_field_is_a_column_read_back() -> None:
+    """A field left out would read back as its default from either store, silently."""
+    assert sorted(f.name for f in dataclasses.fields(Job)) == sorted(sql.JOB_COLUMNS)
 
 
 # -- send_at and next_due ----------------------------------------------------------------------

@@ -25,8 +25,9 @@ def backend_for(url: str) -> str:
     return BACKENDS.get(urlsplit(url).scheme.split("+", 1)[0], "")
 
 
-def open_store(url: str, settings: Settings | None = None) -> Store:
-    """The (not yet opened) store for ``url``; the backend class takes ``(url, settings)``."""
+def open_store(settings: Settings) -> Store:
+    """The (not yet opened) store that ``settings.database_url`` names."""
+    url = settings.database_url
     target = backend_for(url)
     if not target:
         known = ", ".join(sorted(BACKENDS))
@@ -34,4 +35,4 @@ def open_store(url: str, settings: Settings | None = None) -> Store:
         raise ValueError(f"NOTIFIER_DATABASE_URL: unknown scheme {scheme!r} (known: {known})")
     module_name, _, class_name = target.partition(":")
     backend: type[Store] = getattr(importlib.import_module(module_name), class_name)
-    return backend(url, settings)  # type: ignore[call-arg]
+    return backend.from_settings(settings)

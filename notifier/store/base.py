@@ -11,8 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Self
 
 from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
+from notifier.settings import Settings
 
 
 class StoreUnavailable(Exception):
@@ -32,6 +34,15 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """The store ``settings.database_url`` names, not yet opened.
+
+        Everything it needs comes from ``settings``: a store never reads the environment, so
+        tests and tools can run several side by side. A URL it cannot use is a ValueError.
+        """
 
     def on_work(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

@@ -15,19 +15,20 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
 import aiosqlite
 import pydantic_core
 
-from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome
+from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
 from notifier.settings import Settings
+from notifier.store import sql
 from notifier.store.base import Store, StoreLocked, StoreUnavailable
 
 SCHEMA_VERSION = 1
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     channel TEXT NOT NULL,
@@ -43,19 +44,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_owner TEXT,
     lease_until REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at)
-    WHERE status IN ('queued', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at) WHERE {sql.WAITING};
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'sending';
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at)
-    WHERE status IN ('delivered', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at) WHERE {sql.FINAL};
 """
-
-COLUMNS = (
-    "id, channel, status, message, attempts, last_error, results, idempotency_key, "
-    "created_at, updated_at, run_at"
-)
-WAITING = "status IN ('queued', 'retrying')"
-FINAL = "status IN ('delivered', 'failed', 'cancelled')"
 
 
 def database_path(url: str) -> Path:
@@ -70,42 +62,20 @@ def _moment(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
-    """A row of COLUMNS as a Job; ``message`` and ``results`` are JSON text."""
-    (
-        job_id,
-        channel,
-        status,
-        message,
-        attempts,
-        last_error,
-        results,
-        key,
-        created,
-        updated,
-        run_at,
-    ) = tuple(row)
-    return Job(
-        id=job_id,
-        channel=channel,
-        status=JobStatus(status),
-        message=Message.from_dict(job_id, channel, json.loads(message)),
-        attempts=attempts,
-        last_error=last_error,
-        results=json.loads(results) if results else {},
-        idempotency_key=key,
-        created_at=_moment(created),
-        updated_at=_moment(updated),
-        run_at=_moment(run_at),
-    )
+#: ``message`` and ``results`` are JSON text, moments epoch seconds.
+ROWS = sql.JobRows(moment=_moment)
 
 
 class SQLiteStore(Store):
-    def __init__(self, url: str, settings: Settings | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__()
-        self.path = database_path(url)
+        self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock_file: IO[bytes] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(database_path(settings.database_url))
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,20 +117,20 @@ class SQLiteStore(Store):
             raise StoreUnavailable("the store is not open")
         return self._db
 
-    async def _run(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def _run(self, statement: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """One statement, which in autocommit mode is one atomic, durable transaction.
 
         Every verb is a single statement on purpose: one hop to aiosqlite's thread and one
         fsync per call, and no multi-statement transaction to interleave on the connection.
         """
         try:
-            return list(await self.db.execute_fetchall(sql, params))
+            return list(await self.db.execute_fetchall(statement, params))
         except (sqlite3.Error, ValueError) as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
-    async def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+    async def _count(self, statement: str, params: Sequence[Any] = ()) -> int:
         try:
-            async with self.db.execute(sql, params) as cursor:
+            async with self.db.execute(statement, params) as cursor:
                 return cursor.rowcount
         except (sqlite3.Error, ValueError) as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
@@ -219,11 +189,11 @@ class SQLiteStore(Store):
         rows = await self._run(
             f"UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?,"
             f" lease_until = ?, updated_at = ? WHERE id IN (SELECT id FROM jobs"
-            f" WHERE channel = ? AND {WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
-            f" RETURNING {COLUMNS}",
+            f" WHERE channel = ? AND {sql.WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
+            f" RETURNING {sql.COLUMNS}",
             (owner, now + lease_seconds, now, channel, now, limit),
         )
-        return sorted((_row_to_job(row) for row in rows), key=lambda job: job.run_at)
+        return sorted((ROWS.job(row) for row in rows), key=lambda job: job.run_at)
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         payload = json.dumps(
@@ -268,7 +238,7 @@ class SQLiteStore(Store):
         await self._requeue(
             "lease_owner = ? AND id IN (SELECT value FROM json_each(?))",
             (owner, json.dumps(list(job_ids))),
-            reason="delivery interrupted by shutdown; it will be tried again",
+            reason=sql.INTERRUPTED_BY_SHUTDOWN,
         )
 
     async def recover(self, *, owner: str) -> int:
@@ -292,39 +262,38 @@ class SQLiteStore(Store):
         return count
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._run(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
-        return _row_to_job(rows[0]) if rows else None
+        rows = await self._run(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return ROWS.job(rows[0]) if rows else None
 
     async def cancel(self, job_id: str) -> Job | None:
         rows = await self._run(
             "UPDATE jobs SET status = 'cancelled', updated_at = ?, lease_owner = NULL,"
-            f" lease_until = NULL WHERE id = ? AND NOT {FINAL} RETURNING {COLUMNS}",
+            f" lease_until = NULL WHERE id = ? AND NOT {sql.FINAL} RETURNING {sql.COLUMNS}",
             (time.time(), job_id),
         )
-        return _row_to_job(rows[0]) if rows else await self.get(job_id)
+        return ROWS.job(rows[0]) if rows else await self.get(job_id)
 
     async def next_due(self, channel: str) -> datetime | None:
         rows = await self._run(
-            f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {WAITING}", (channel,)
+            f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {sql.WAITING}", (channel,)
         )
         value = rows[0][0] if rows else None
         return _moment(value) if value is not None else None
 
     async def count_by_status(self) -> dict[JobStatus, int]:
-        rows = await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
-        counts = dict.fromkeys(JobStatus, 0)
-        counts.update({JobStatus(status): count for status, count in rows})
-        return counts
+        return sql.status_counts(
+            await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
+        )
 
     async def list_jobs(
         self, *, status: JobStatus | None, since: datetime | None, limit: int
     ) -> list[Job]:
         rows = await self._run(
-            f"SELECT {COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
+            f"SELECT {sql.COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
             " ORDER BY updated_at DESC LIMIT ?",
             (status, status, since.timestamp() if since else 0.0, limit),
         )
-        return [_row_to_job(row) for row in rows]
+        return [ROWS.job(row) for row in rows]
 
     async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
         now = time.time()
@@ -345,5 +314,5 @@ class SQLiteStore(Store):
 
     async def purge(self, *, before: datetime) -> int:
         return await self._count(
-            f"DELETE FROM jobs WHERE {FINAL} AND updated_at < ?", (before.timestamp(),)
+            f"DELETE FROM jobs WHERE {sql.FINAL} AND updated_at < ?", (before.timestamp(),)
         )

@@ -40,6 +40,9 @@ class Migration:
     sql: str
 
 
+#: History: a migration is never edited once released, nor built from today's constants. The
+#: partial indexes' conditions must still match ``notifier.store.sql.WAITING`` and ``FINAL``
+#: (tests/test_postgres.py checks): a change to a status group comes with a migration here.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,

@@ -25,13 +25,14 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from notifier.models import Enqueued, Job, JobStatus, Message, NewJob, Outcome
-from notifier.settings import Settings, load_settings
+from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
+from notifier.settings import Settings
+from notifier.store import sql
 from notifier.store.base import Store, StoreUnavailable
 from notifier.store.postgres import schema
 from notifier.store.postgres.listener import Listener
@@ -50,12 +51,6 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-COLUMNS = (
-    "id, channel, status, message, attempts, last_error, results, idempotency_key,"
-    " created_at, updated_at, run_at"
-)
-WAITING = "status IN ('queued', 'retrying')"
-FINAL = "status IN ('delivered', 'failed', 'cancelled')"
 #: Finished jobs are counted into ``job_totals`` by the statement that finishes them (a row
 #: per shard and status, so instances do not queue on one counter row); ``count_by_status``
 #: then never counts the ever-growing finished part of the jobs table.
@@ -63,7 +58,7 @@ FINAL = "status IN ('delivered', 'failed', 'cancelled')"
 #: and purge); ``{source}`` is a CTE returning their ``status`` as it was finished.
 TALLY = (
     "tally AS (INSERT INTO job_totals (shard, status, n) SELECT {shard}, status, {sign}count(*)"
-    f" FROM {{source}} WHERE {FINAL} GROUP BY status"
+    f" FROM {{source}} WHERE {sql.FINAL} GROUP BY status"
     " ON CONFLICT (shard, status) DO UPDATE SET n = job_totals.n + excluded.n)"
 )
 TOTAL_SHARDS = 16
@@ -71,22 +66,8 @@ TOTAL_SHARDS = 16
 PURGE_BATCH = 5000
 
 
-def _job(row: asyncpg.Record) -> Job:
-    job_id = row["id"]
-    channel = row["channel"]
-    return Job(
-        id=job_id,
-        channel=channel,
-        status=JobStatus(row["status"]),
-        message=Message.from_dict(job_id, channel, json.loads(row["message"])),
-        attempts=row["attempts"],
-        last_error=row["last_error"],
-        results=json.loads(row["results"]) if row["results"] else {},
-        idempotency_key=row["idempotency_key"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        run_at=row["run_at"],
-    )
+#: asyncpg hands ``jsonb`` over as text and ``timestamptz`` as aware datetimes.
+ROWS = sql.JobRows()
 
 
 def _count(status: str) -> int:
@@ -126,15 +107,19 @@ async def _keep_session(_conn: AnyConnection) -> None:
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         super().__init__()
-        self.settings = (settings or load_settings()).model_copy(update={"database_url": url})
+        self.settings = settings
         self._timeout = self.settings.database_statement_timeout
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listener: Listener | None = None
         self._owner: str | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._shard = random.randrange(TOTAL_SHARDS)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(settings)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -266,16 +251,16 @@ class PostgresStore(Store):
             rows = await conn.fetch(
                 "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
                 " lease_until = now() + make_interval(secs => $3), updated_at = now()"
-                f" WHERE {WAITING} AND id = ANY(ARRAY("
-                f"SELECT id FROM jobs WHERE channel = $1 AND {WAITING} AND run_at <= now()"
+                f" WHERE {sql.WAITING} AND id = ANY(ARRAY("
+                f"SELECT id FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
                 " ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED))"
-                f" RETURNING {COLUMNS}",
+                f" RETURNING {sql.COLUMNS}",
                 channel,
                 owner,
                 lease_seconds,
                 limit,
             )
-        return sorted((_job(row) for row in rows), key=lambda job: (job.run_at, job.id))
+        return sorted((ROWS.job(row) for row in rows), key=lambda job: (job.run_at, job.id))
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         async with self._connection() as conn:
@@ -320,7 +305,7 @@ class PostgresStore(Store):
                 "lease_owner = $2 AND id = ANY($3)",
                 owner,
                 list(job_ids),
-                reason="delivery interrupted by shutdown; it will be tried again",
+                reason=sql.INTERRUPTED_BY_SHUTDOWN,
             )
         if count:
             self._notify_work()
@@ -415,7 +400,7 @@ class PostgresStore(Store):
                 conn,
                 "lease_owner = $2",
                 owner,
-                reason="delivery interrupted by shutdown; it will be tried again",
+                reason=sql.INTERRUPTED_BY_SHUTDOWN,
             )
             await conn.execute("DELETE FROM instances WHERE owner = $1", owner)
 
@@ -423,28 +408,28 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
-        return _job(row) if row is not None else None
+            row = await conn.fetchrow(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return ROWS.job(row) if row is not None else None
 
     async def cancel(self, job_id: str) -> Job | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 "WITH cancelled AS (UPDATE jobs SET status = 'cancelled', updated_at = now(),"
-                f" lease_owner = NULL, lease_until = NULL WHERE id = $1 AND NOT {FINAL}"
-                f" RETURNING {COLUMNS}), "
+                f" lease_owner = NULL, lease_until = NULL WHERE id = $1 AND NOT {sql.FINAL}"
+                f" RETURNING {sql.COLUMNS}), "
                 + TALLY.format(shard="$2::smallint", source="cancelled", sign="")
                 + " SELECT * FROM cancelled",
                 job_id,
                 self._shard,
             )
             if row is None:
-                row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
-        return _job(row) if row is not None else None
+                row = await conn.fetchrow(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return ROWS.job(row) if row is not None else None
 
     async def next_due(self, channel: str) -> datetime | None:
         async with self._connection() as conn:
             due: datetime | None = await conn.fetchval(
-                f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {WAITING}", channel
+                f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}", channel
             )
         return due
 
@@ -452,13 +437,11 @@ class PostgresStore(Store):
         """Work in progress counted on the partial indexes, finished work from job_totals."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT status, count(*) AS n FROM jobs WHERE {WAITING} GROUP BY status"
+                f"SELECT status, count(*) AS n FROM jobs WHERE {sql.WAITING} GROUP BY status"
                 " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
                 " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
             )
-        counts = dict.fromkeys(JobStatus, 0)
-        counts.update({JobStatus(row["status"]): int(row["n"]) for row in rows})
-        return counts
+        return sql.status_counts(rows)
 
     # -- administration ----------------------------------------------------------------------
 
@@ -467,14 +450,14 @@ class PostgresStore(Store):
     ) -> list[Job]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1)"
+                f"SELECT {sql.COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1)"
                 " AND updated_at >= coalesce($2::timestamptz, '-infinity')"
                 " ORDER BY updated_at DESC LIMIT $3",
                 status.value if status else None,
                 since,
                 limit,
             )
-        return [_job(row) for row in rows]
+        return [ROWS.job(row) for row in rows]
 
     async def retry(self, *, job_ids: Sequence[str] | None, since: datetime | None) -> list[str]:
         async with self._connection(transaction=True) as conn:
@@ -504,7 +487,7 @@ class PostgresStore(Store):
             async with self._connection() as conn:
                 deleted: int = await conn.fetchval(
                     "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
-                    f"SELECT id FROM jobs WHERE {FINAL} AND updated_at < $1"
+                    f"SELECT id FROM jobs WHERE {sql.FINAL} AND updated_at < $1"
                     " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING status), "
                     + TALLY.format(shard="$3::smallint", source="purged", sign="-")
                     + " SELECT count(*) FROM purged",

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 from pathlib import Path
 
 import httpx
 
+from tests.support.prometheus import metric
 from tests.support.server import LineConnection, ServerProcess, free_port, running_server
 from tests.support.waiting import wait_for, wait_for_sync
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
 
 
 async def test_health_metrics_while_jobs_flow(tmp_path: Path) -> None:
@@ -53,6 +47,9 @@ async def test_health_metrics_while_jobs_flow(tmp_path: Path) -> None:
             assert metric(text, "notifier_intake_seconds_count") == 50
             assert metric(text, "notifier_accept_to_delivered_seconds_count", 'channel="sms"') == 50
             assert (await http.get("/nope")).status_code == 404
+            assert (await http.post("/healthz")).status_code == 405
+            head = await http.head("/readyz")
+            assert (head.status_code, head.content) == (200, b"")
             await conn.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 
 import uvicorn
@@ -89,8 +90,20 @@ class HTTPServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Serve in the background; return once listening (or raise why it could not)."""
-        self._task = asyncio.create_task(self._server.serve(), name=self._name)
+        """Serve in the background; return once listening (or raise why it could not).
+
+        The socket is bound here, not by uvicorn, whose answer to a port in use is
+        ``sys.exit`` from inside the task.
+        """
+        host, port = self._server.config.host, self._server.config.port
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise OSError(
+                f"the {self._name} listener cannot listen on {host}:{port}: {exc}"
+            ) from exc
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=self._name)
         while not self._server.started:
             if self._task.done():
                 self._task.result()

@@ -311,7 +311,7 @@ class _Guard:
             await answer(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length", b"0")
-        if int(length) > self.max_body_bytes:
+        if length.isdigit() and int(length) > self.max_body_bytes:
             await _too_large(self.max_body_bytes, self.metrics, scope)(scope, receive, send)
             return
         await self.app(scope, self._bounded(receive), send)

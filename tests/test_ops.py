@@ -7,7 +7,10 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
+from starlette.applications import Starlette
 
+from notifier.ops import HTTPServer
 from tests.support.prometheus import metric
 from tests.support.server import LineConnection, ServerProcess, free_port, running_server
 from tests.support.waiting import wait_for, wait_for_sync
@@ -116,3 +119,11 @@ def test_json_logs_parse_and_never_show_secrets(tmp_path: Path) -> None:
     failed = [json.loads(line) for line in log.splitlines() if '"outcome": "failed"' in line]
     assert {r["channel"] for r in failed} == {"email", "sms"}
     assert all(r["job_id"] and r["attempt"] == 2 and r["provider"] for r in failed)
+
+
+async def test_http_server_on_a_port_in_use_says_so() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = HTTPServer(Starlette(), host="127.0.0.1", port=port, name="receipts")
+        with pytest.raises(OSError, match=f"receipts listener cannot listen on 127.0.0.1:{port}"):
+            await server.start()

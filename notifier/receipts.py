@@ -272,8 +272,12 @@ class AddressBuckets:
         now = self._clock()
         tokens, stamp = self._buckets.pop(address, (self.burst, now))
         tokens = min(self.burst, tokens + (now - stamp) * self.rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self._buckets[address] = (tokens - 1 if not wait else tokens, now)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[address] = (tokens, now)
         if len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
         return wait

@@ -21,7 +21,7 @@ from twilio.request_validator import RequestValidator
 from notifier.channels.sms.webhook import sign
 from notifier.metrics import Metrics
 from notifier.ops import HTTPServer
-from notifier.receipts import DeliveryReport, ReceiptsApp
+from notifier.receipts import AddressBuckets, DeliveryReport, ReceiptsApp
 from notifier.settings import SettingsError, load_settings
 from notifier.store import StoreUnavailable
 from tests.support.prometheus import metric
@@ -462,6 +462,18 @@ async def test_flood_from_one_address_is_429_with_retry_after(sink: Sink, metric
     assert elsewhere.status_code == 200 and later.status_code == 200
     assert len(sink.reports) == 5
     assert rejected(metrics, "webhook", "rate_limited") == 1
+
+
+def test_address_buckets_forget_the_least_recently_seen() -> None:
+    buckets = AddressBuckets(1.0, 1, max_clients=2, clock=Clock())
+    assert buckets.wait("198.51.100.1") == 0 and buckets.wait("198.51.100.1") == 1.0
+    buckets.wait("198.51.100.2")
+    assert buckets.wait("198.51.100.1") == 1.0  # seen last, so .2 goes next
+    buckets.wait("198.51.100.3")
+    assert buckets.wait("198.51.100.1") == 1.0  # still known, still empty
+    buckets.wait("198.51.100.4")
+    buckets.wait("198.51.100.5")
+    assert buckets.wait("198.51.100.1") == 0  # forgotten, so full again
 
 
 async def test_sink_failure_is_503_and_the_report_comes_again(

@@ -20,12 +20,16 @@ from notifier.channels.base import Channel
 from notifier.channels.outbox import OutboxChannel
 from notifier.channels.sms import SMSChannel, create_channel
 from notifier.channels.sms.base import retry_after
-from notifier.channels.sms.ihuyi import CODES, Wait, until_next_china_day
+from notifier.channels.sms.ihuyi import CODES, Fault, code_error, until_next_china_day
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
     DeliveryTimeout,
+    InvalidMessage,
     PermanentDeliveryError,
+    ProviderRejected,
+    RecipientRejected,
+    RecipientThrottled,
     TransientDeliveryError,
 )
 from notifier.models import Message
@@ -120,38 +124,42 @@ async def test_ihuyi_refuses_numbers_outside_china(ihuyi: Channel) -> None:
     ("code", "expected", "wait"),
     [
         (0, TransientDeliveryError, None),
-        (4080, TransientDeliveryError, None),
-        (4081, TransientDeliveryError, 60.0),
-        (4083, TransientDeliveryError, 60.0),
-        (4086, TransientDeliveryError, None),
-        (4082, TransientDeliveryError, "next day"),
-        (4084, TransientDeliveryError, "next day"),
-        (4085, TransientDeliveryError, "next day"),
-        (400, PermanentDeliveryError, None),
-        (405, PermanentDeliveryError, None),
-        (4030, PermanentDeliveryError, None),
-        (4051, PermanentDeliveryError, None),
-        (4052, PermanentDeliveryError, None),
-        (406, PermanentDeliveryError, None),
-        (407, PermanentDeliveryError, None),
-        (4072, PermanentDeliveryError, None),
-        (408, PermanentDeliveryError, None),
+        (4010, RecipientThrottled, 60.0),
+        (4080, RecipientThrottled, 1.0),
+        (4081, RecipientThrottled, 60.0),
+        (4083, RecipientThrottled, 60.0),
+        (4086, RecipientThrottled, 60.0),
+        (4082, RecipientThrottled, "next day"),
+        (4084, RecipientThrottled, "next day"),
+        (4085, RecipientThrottled, "next day"),
+        (400, ProviderRejected, None),
+        (405, ProviderRejected, None),
+        (4050, ProviderRejected, None),
+        (4051, ProviderRejected, None),
+        (4052, ProviderRejected, None),
+        (4071, ProviderRejected, None),
+        (408, ProviderRejected, None),
+        (4030, RecipientRejected, None),
+        (406, RecipientRejected, None),
+        (40864, RecipientRejected, None),
+        (407, InvalidMessage, None),
+        (4072, InvalidMessage, None),
+        (4073, InvalidMessage, None),
         (99999, TransientDeliveryError, None),
     ],
 )
-@respx.mock
-async def test_ihuyi_codes_are_classified(
-    code: int, expected: type[DeliveryError], wait: object, ihuyi: Channel
-) -> None:
-    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(code, "网关说明"))
+def test_ihuyi_codes_are_classified(code: int, expected: type[DeliveryError], wait: object) -> None:
+    error = code_error(code, "网关说明", "+8613800138000")
 
-    with pytest.raises(expected, match=f"ihuyi: code {code} .*: 网关说明") as caught:
-        await ihuyi.send(sms("+8613800138000"))
-
+    assert type(error) is expected
+    assert error.message.startswith(f"ihuyi: code {code} (")
+    assert error.message.endswith(": 网关说明")
     if wait == "next day":
-        assert caught.value.retry_after is not None and caught.value.retry_after >= 3600
+        assert error.retry_after is not None and error.retry_after >= 3600
     else:
-        assert caught.value.retry_after == wait
+        assert error.retry_after == wait
+    if isinstance(error, RecipientThrottled):
+        assert error.recipient == "+8613800138000"
 
 
 @pytest.mark.parametrize("code", sorted(CODES))
@@ -164,8 +172,10 @@ async def test_every_documented_ihuyi_code_is_handled_as_the_table_says(
     with pytest.raises(DeliveryError) as caught:
         await ihuyi.send(sms("+8613800138000"))
 
-    wait, meaning = CODES[code]
-    assert caught.value.transient is (wait is not Wait.PERMANENT)
+    fault, meaning = CODES[code]
+    # Only the message or the number being wrong fails for good: a refused account is
+    # retried later (the only provider's circuit is open), like every "later" code.
+    assert caught.value.transient is (fault not in (Fault.NUMBER, Fault.MESSAGE))
     assert meaning in caught.value.message
 
 
@@ -240,7 +250,7 @@ async def test_ihuyi_error_answers_keep_the_key_secret(
 ) -> None:
     respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(405, "APIID或APIKEY不正确"))
 
-    with caplog.at_level(logging.DEBUG), pytest.raises(PermanentDeliveryError) as caught:
+    with caplog.at_level(logging.DEBUG), pytest.raises(DeliveryError, match="code 405") as caught:
         await ihuyi.send(sms("+8613800138000"))
 
     assert_no_secret(caught.value, caplog)
@@ -323,13 +333,13 @@ async def test_twilio_posts_with_basic_auth(sender: str, field: str) -> None:
     [
         (
             httpx.Response(400, json={"code": 21211, "message": "Invalid 'To' Phone Number"}),
-            PermanentDeliveryError,
+            RecipientRejected,
             "HTTP 400 Bad Request: error 21211: Invalid 'To' Phone Number",
             None,
         ),
         (
             httpx.Response(401, json={"code": 20003, "message": "Authenticate"}),
-            PermanentDeliveryError,
+            TransientDeliveryError,  # the only provider refuses us: later, circuit open
             "error 20003",
             None,
         ),
@@ -350,6 +360,13 @@ async def test_twilio_posts_with_basic_auth(sender: str, field: str) -> None:
             None,
         ),
         (httpx.Response(500, text="oops"), TransientDeliveryError, "twilio: HTTP 500", None),
+        (
+            httpx.Response(400, json={"code": 21617, "message": "Body too long"}),
+            InvalidMessage,
+            "error 21617",
+            None,
+        ),
+        (httpx.Response(429, headers={"Retry-After": "5"}), RecipientThrottled, "HTTP 429", 5.0),
     ],
 )
 @respx.mock
@@ -416,11 +433,11 @@ async def test_webhook_without_secret_sends_no_signature() -> None:
     ("status", "expected"),
     [
         (408, TransientDeliveryError),
-        (429, TransientDeliveryError),
+        (429, RecipientThrottled),
         (500, TransientDeliveryError),
         (503, TransientDeliveryError),
         (400, PermanentDeliveryError),
-        (403, PermanentDeliveryError),
+        (403, TransientDeliveryError),  # a wrong secret: our account, so retried later
         (422, PermanentDeliveryError),
     ],
 )
@@ -429,9 +446,11 @@ async def test_webhook_statuses(status: int, expected: type[DeliveryError]) -> N
     respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(status))
     channel = create_channel(sms_settings("webhook"))
 
-    with pytest.raises(expected, match=f"webhook: HTTP {status}"):
+    with pytest.raises(expected, match=f"webhook: HTTP {status}") as caught:
         await channel.send(sms("+8613800138000"))
     await channel.aclose()
+
+    assert type(caught.value) is expected
 
 
 # Shared rules and settings

@@ -103,8 +103,6 @@ class CircuitBreaker:
     def _move(self, state: CircuitState, why: str, *args: object) -> None:
         self._state = state
         self._probe_at = None
-        if state is CircuitState.CLOSED:
-            self._consecutive = 0
         level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
         log.log(
             level,

@@ -49,7 +49,8 @@ from notifier.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
-Field = Literal["url", "account", "api_key", "from"]
+#: The settings every provider has, as in NOTIFIER_SMS_<NAME>_<SETTING>.
+Setting = Literal["url", "account", "api_key", "from"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +69,13 @@ class ProviderConfig:
     def of(cls, settings: Settings, name: str) -> Self:
         first = settings.sms_provider[:1] == (name,)
 
-        def pick(field: Field) -> Any:
+        def pick(field: Setting) -> Any:
             own = getattr(settings, f"sms_{name}_{field}")
             return own if own is not None or not first else getattr(settings, f"sms_{field}")
 
         return cls(name, first, pick("url"), pick("account"), pick("api_key"), pick("from"))
 
-    def required(self, value: T | None, field: Field) -> T:
+    def required(self, value: T | None, field: Setting) -> T:
         """A setting the provider cannot work without; its absence stops the service."""
         if value is not None:
             return value

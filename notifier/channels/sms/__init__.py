@@ -1,10 +1,12 @@
 """SMS through HTTP gateways (httpx); the outbox stands in while no provider is configured.
 
-``NOTIFIER_SMS_PROVIDER`` names one or more of ``PROVIDERS``, in the order they are tried;
-each lives in its own module and reads its NOTIFIER_SMS_* settings as PROTOCOL.md's table
-says (``ProviderConfig``). ``base`` holds what they share: the provider interface, the HTTP
-failure rules, the per-number fan-out and the failover behind one circuit per provider.
-``segments`` counts what a text costs.
+``NOTIFIER_SMS_PROVIDER`` picks one of ``PROVIDERS``; each lives in its own module and
+reads the NOTIFIER_SMS_* settings as docs/protocol.md's table says. ``base`` holds what they
+share: the provider interface, the HTTP failure rules and the per-number fan-out.
+
+Several providers (``ihuyi,twilio``) are tried in that order, each behind its own circuit
+breaker; each reads its own NOTIFIER_SMS_<NAME>_* settings, the first also the unprefixed
+ones (``ProviderConfig``). ``segments`` counts what a text costs.
 """
 
 from __future__ import annotations

@@ -145,7 +145,6 @@ class Settings(BaseSettings):
         "sms_webhook_account",
         "sms_webhook_api_key",
         "sms_webhook_from",
-        "receipts_public_url",
         mode="before",
     )
     @classmethod

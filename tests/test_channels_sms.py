@@ -42,7 +42,7 @@ from notifier.metrics import Metrics
 from notifier.models import Message
 from notifier.protocol import SendRequest
 from notifier.settings import Settings, SettingsError, load_settings
-from notifier.store import open_store
+from notifier.store import Store, open_store
 from notifier.templates import Templates
 from tests.support.http_sink import (
     DROP,
@@ -830,10 +830,14 @@ def test_the_longest_text_is_what_every_provider_takes(providers: str, limit: in
     assert channel.max_text_length == limit
 
 
+def jobs_store(tmp_path: Path) -> Store:
+    settings = isolated_settings(tmp_path)
+    return open_store(settings.database_url, settings)
+
+
 def intake(tmp_path: Path, channel: SMSChannel) -> Intake:
-    store = open_store(f"sqlite:///{tmp_path}/jobs.db")
     return Intake(
-        store,
+        jobs_store(tmp_path),
         channels=["sms"],
         templates=Templates(tmp_path),
         sender="notifier@localhost",
@@ -867,7 +871,7 @@ async def test_status_names_the_provider_of_each_number_and_the_segments(
         new_job = intake(tmp_path, channel).prepare(
             SendRequest(channel="sms", to=["+8613800138000"], text="验证码 1234" * 10)
         )
-        store = open_store(f"sqlite:///{tmp_path}/jobs.db")
+        store = jobs_store(tmp_path)
         await store.open()
         try:
             [enqueued] = await store.enqueue([new_job])

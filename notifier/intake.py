@@ -2,8 +2,8 @@
 
 Per-channel rules (addresses, phone numbers, required parts, what the channel's provider
 accepts: its ``checks``) and template rendering happen here, before anything is stored, so
-every refusal reaches the sender in its answer. Jobs
-accepted together are committed together (group commit, see ``batching``).
+every refusal reaches the sender in its answer. Jobs accepted together are committed
+together (group commit, see ``batching``).
 """
 
 from __future__ import annotations

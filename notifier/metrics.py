@@ -76,7 +76,6 @@ class Metrics:
             ["code"],
             registry=r,
         )
-
         self._circuits = _CircuitCollector()
         r.register(self._circuits)
 

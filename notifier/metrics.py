@@ -23,6 +23,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._circuits = _CircuitCollector()
+        r.register(self._circuits)
         self.accepted = Counter(
             "notifier_jobs_accepted", "Jobs stored at intake.", ["channel"], registry=r
         )
@@ -76,8 +78,6 @@ class Metrics:
             ["code"],
             registry=r,
         )
-        self._circuits = _CircuitCollector()
-        r.register(self._circuits)
 
     def track_circuits(self, circuits: Iterable[CircuitBreaker]) -> None:
         """Show these providers' circuits in ``notifier_circuit_state`` from now on."""

@@ -264,6 +264,8 @@ class Dispatcher:
             return self._delivered(job, receipt, delivered)
         delivered.update(error.delivered)
         results = {**job.results, "delivered": delivered} if delivered else job.results
+        if error.providers:
+            results["providers"] = {**job.results.get("providers", {}), **error.providers}
         if error.transient and job.attempts < self.settings.retry_max_attempts:
             wait = self.backoff.delay(job.attempts, error.retry_after)
             return Outcome(
@@ -287,6 +289,8 @@ class Dispatcher:
             results["provider_message_id"] = receipt.provider_message_id
         if receipt.refused:
             results["refused"] = {**job.results.get("refused", {}), **receipt.refused}
+        if receipt.providers:
+            results["providers"] = {**job.results.get("providers", {}), **receipt.providers}
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
 
     async def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:

@@ -21,11 +21,20 @@ the server raises them and the client turns each code back into its class::
 Delivery errors are raised by channels. The dispatcher asks one question of them,
 "transient?", so each channel decides that once, where it translates its library's errors::
 
-    DeliveryError                    .retry_after, .delivered
+    DeliveryError                    .retry_after, .delivered, .providers, .failed
      ├── TransientDeliveryError      try again later (backoff, or the provider's Retry-After)
      │    ├── DeliveryTimeout        also a TimeoutError
-     │    └── DeliveryConnectionError  also a ConnectionError
+     │    ├── DeliveryConnectionError  also a ConnectionError
+     │    └── RecipientThrottled     .recipient: "too often" for this number; pace it
      └── PermanentDeliveryError      retrying cannot help: the job fails now
+          ├── RecipientRejected      the recipient is wrong (bad number, blacklisted)
+          ├── InvalidMessage         the content is wrong (refused words, too long)
+          └── ProviderRejected       the provider refused *us* (credentials, balance):
+                                     another provider may still deliver
+
+A channel with several providers fails over on transient errors and ``ProviderRejected``,
+never on a message-level refusal or on ``RecipientThrottled`` (another provider would
+flood the same number).
 """
 
 from __future__ import annotations
@@ -161,11 +170,17 @@ class DeliveryError(Exception):
         *,
         retry_after: float | None = None,
         delivered: Mapping[str, str | None] | None = None,
+        providers: Mapping[str, str] | None = None,
+        failed: Mapping[str, DeliveryError] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
         self.delivered: dict[str, str | None] = dict(delivered or {})
+        #: Which provider delivered each recipient of ``delivered``.
+        self.providers: dict[str, str] = dict(providers or {})
+        #: The error of each recipient when several failed (``throttled`` reads it).
+        self.failed: dict[str, DeliveryError] = dict(failed or {})
 
 
 class TransientDeliveryError(DeliveryError):
@@ -184,3 +199,31 @@ class DeliveryConnectionError(TransientDeliveryError, ConnectionError):
 
 class PermanentDeliveryError(DeliveryError):
     """Retrying cannot help: rejected recipient, bad credentials, invalid message."""
+
+
+class RecipientThrottled(TransientDeliveryError):
+    """The provider says this number gets messages too often: every job to it should wait
+    (``retry_after`` when the provider says how long), whichever provider would send it."""
+
+    def __init__(self, message: str, *, recipient: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.recipient = recipient
+
+
+class RecipientRejected(PermanentDeliveryError):
+    """The recipient is wrong (bad or blacklisted number): no provider will do better."""
+
+
+class InvalidMessage(PermanentDeliveryError):
+    """The content is wrong (empty, too long, refused words): no provider will do better."""
+
+
+class ProviderRejected(PermanentDeliveryError):
+    """The provider refuses our account (credentials, balance, frozen): the message may be
+    fine, so a channel with another provider fails over and stops using this one a while."""
+
+
+def throttled(error: DeliveryError) -> dict[str, float | None]:
+    """The recipients a failure says are sent to too often, with how long they should wait."""
+    errors = error.failed.values() if error.failed else (error,)
+    return {e.recipient: e.retry_after for e in errors if isinstance(e, RecipientThrottled)}

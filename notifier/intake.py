@@ -1,8 +1,9 @@
 """From a validated ``send`` request to a stored job.
 
-Per-channel rules (addresses, phone numbers, required parts) and template rendering happen
-here, before anything is stored, so every refusal reaches the sender in its answer. Jobs
-accepted together are committed together (group commit, see ``batching``).
+Per-channel rules (addresses, phone numbers, required parts, what the channel's provider
+accepts: its ``checks``) and template rendering happen here, before anything is stored, so
+every refusal reaches the sender in its answer. Jobs accepted together are committed
+together (group commit, see ``batching``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from notifier.batching import Batcher
 from notifier.channels.mime import new_message_id
+from notifier.channels.sms.segments import count_segments
 from notifier.errors import InvalidRequest, UnknownChannel
 from notifier.metrics import Metrics
 from notifier.models import Enqueued, Message, NewJob
@@ -48,10 +50,14 @@ class Intake:
         templates: Templates,
         sender: str,
         metrics: Metrics,
+        checks: Mapping[str, Callable[[Message], None]] | None = None,
         max_batch: int = 1000,
     ) -> None:
+        """``checks`` maps a channel to what refuses a message its provider would not take
+        (``SMSChannel.check``), raising ``InvalidRequest``."""
         self.store = store
         self.channels = channels
+        self.checks = dict(checks or {})
         self.templates = templates
         self.sender = sender
         self.metrics = metrics
@@ -95,8 +101,11 @@ class Intake:
         if request.template is not None:
             rendered = self.templates.render(request.template, request.channel, request.data)
         build = self._builders.get(request.channel, _other)
+        message = build(new_job_id(), request, rendered)
+        if request.channel in self.checks:
+            self.checks[request.channel](message)
         return NewJob(
-            message=build(new_job_id(), request, rendered),
+            message=message,
             idempotency_key=request.idempotency_key,
             run_at=request.send_at,
         )
@@ -135,7 +144,8 @@ def _sms(job_id: str, request: SendRequest, rendered: Rendered) -> Message:
     if not text:
         raise InvalidRequest("text: required for sms (give it, or a template that does)")
     numbers = _unique([check_phone(v, "to") for v in request.to])
-    return Message(id=job_id, channel="sms", to=numbers, text=text)
+    extra = {"segments": count_segments(text).count}
+    return Message(id=job_id, channel="sms", to=numbers, text=text, extra=extra)
 
 
 def _other(job_id: str, request: SendRequest, rendered: Rendered) -> Message:

@@ -6,8 +6,13 @@ the store when ``/metrics`` is scraped, so it is exact rather than a running gue
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from notifier.channels.circuit import CircuitBreaker
 from notifier.models import JobStatus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -18,6 +23,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._circuits = _CircuitCollector()
+        r.register(self._circuits)
         self.accepted = Counter(
             "notifier_jobs_accepted", "Jobs stored at intake.", ["channel"], registry=r
         )
@@ -84,9 +91,37 @@ class Metrics:
             registry=r,
         )
 
+    def track_circuits(self, circuits: Iterable[CircuitBreaker]) -> None:
+        """Show these providers' circuits in ``notifier_circuit_state`` from now on."""
+        self._circuits.circuits.extend(circuits)
+
     def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
         for status, count in counts.items():
             self.queue_depth.labels(status.value).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CircuitCollector(Collector):
+    """Reads each circuit when scraped: an open circuit turns half-open by the clock alone."""
+
+    def __init__(self) -> None:
+        self.circuits: list[CircuitBreaker] = []
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        for circuit in self.circuits:
+            family.add_metric([circuit.name], int(circuit.state))
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "notifier_circuit_state",
+            "Each provider's circuit: 0 closed, 1 half-open, 2 open.",
+            labels=["provider"],
+        )

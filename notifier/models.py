@@ -101,6 +101,8 @@ class Receipt:
     provider_message_id: str | None = None
     #: Recipients refused for good while others got the message, with the reason.
     refused: dict[str, str] = field(default_factory=dict)
+    #: Which provider delivered each recipient, where a channel has several.
+    providers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ class Job:
         }
         if self.results:
             answer["results"] = self.results
+        if "segments" in self.message.extra:
+            answer["segments"] = self.message.extra["segments"]
         return answer
 
 

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NOTIFIER_"
 
+SMSProviderName = Literal["ihuyi", "twilio", "webhook"]
+
 
 class SettingsError(Exception):
     """A setting has a bad value; the message names the variable."""
@@ -73,13 +75,31 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(30.0, gt=0)
     smtp_pool_size: int = Field(4, ge=1)
 
-    # SMS
-    sms_provider: Literal["ihuyi", "twilio", "webhook"] | None = None
+    # SMS: one provider or several, tried in order (comma-separated); the unprefixed
+    # settings are the first provider's, NOTIFIER_SMS_<NAME>_* any provider's own.
+    sms_provider: Annotated[tuple[SMSProviderName, ...], NoDecode] = ()
     sms_url: str | None = None
     sms_account: str | None = None
     sms_api_key: SecretStr | None = None
     sms_from: str | None = None
+    sms_ihuyi_url: str | None = None
+    sms_ihuyi_account: str | None = None
+    sms_ihuyi_api_key: SecretStr | None = None
+    sms_ihuyi_from: str | None = None
+    sms_twilio_url: str | None = None
+    sms_twilio_account: str | None = None
+    sms_twilio_api_key: SecretStr | None = None
+    sms_twilio_from: str | None = None
+    sms_webhook_url: str | None = None
+    sms_webhook_account: str | None = None
+    sms_webhook_api_key: SecretStr | None = None
+    sms_webhook_from: str | None = None
     sms_timeout: float = Field(15.0, gt=0)
+    circuit_failures: int = Field(5, ge=1)
+    circuit_open_seconds: float = Field(30.0, gt=0)
+    # The receipts listener's URL as providers see it (Twilio's StatusCallback points there).
+    # main defines it in its Receipts block too: on merge keep that one, drop this line.
+    receipts_public_url: str | None = None
 
     # Logs
     log_format: Literal["text", "json"] = "text"
@@ -108,18 +128,39 @@ class Settings(BaseSettings):
             return tuple(SecretStr(t.strip()) for t in value.split(",") if t.strip())
         return value
 
+    @field_validator("sms_provider", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = tuple(name.strip() for name in value.split(",") if name.strip())
+            if len(set(names)) != len(names):
+                raise ValueError(f"a provider is named twice in {value!r}")
+            return names
+        return value
+
     @field_validator(
         "tls_cert",
         "tls_key",
         "smtp_host",
         "smtp_ca_file",
-        "sms_provider",
         "sms_url",
         "smtp_username",
         "smtp_password",
         "sms_account",
         "sms_api_key",
         "sms_from",
+        "sms_ihuyi_url",
+        "sms_ihuyi_account",
+        "sms_ihuyi_api_key",
+        "sms_ihuyi_from",
+        "sms_twilio_url",
+        "sms_twilio_account",
+        "sms_twilio_api_key",
+        "sms_twilio_from",
+        "sms_webhook_url",
+        "sms_webhook_account",
+        "sms_webhook_api_key",
+        "sms_webhook_from",
         mode="before",
     )
     @classmethod

@@ -1,14 +1,21 @@
-"""What every SMS provider shares: the provider interface, HTTP failure rules, fan-out.
+"""What every SMS provider shares: the provider interface, HTTP failure rules, fan-out, failover.
 
 A provider turns one (message, number) into one HTTP request and reads the answer; the
-``SMSChannel`` sends to each number of a job once, through one shared ``httpx.AsyncClient``
+``SMSChannel`` sends to each number of a job once, through shared ``httpx.AsyncClient``s
 (keep-alive, ``NOTIFIER_SMS_TIMEOUT``), and folds the per-number results into a ``Receipt``
 or one ``DeliveryError`` whose ``delivered`` names the numbers that did get the message.
 
-HTTP rules common to all providers (``http_error``): 408, 429 and 5xx are transient, with
-``Retry-After`` (seconds or an HTTP date) as ``retry_after``; other 4xx are permanent.
-Timeouts and connection errors are transient (``post``). Error messages never carry the
-request: ihuyi puts its API key in the form body, and httpx messages do not echo bodies.
+Several providers (``NOTIFIER_SMS_PROVIDER=ihuyi,twilio``) are tried in order, each behind
+its own circuit breaker (``notifier.channels.circuit``): a transient failure or a
+``ProviderRejected`` moves the same number on to the next provider at once; a refusal of
+the message or number, or ``RecipientThrottled``, stops there. When no provider could take
+the number, the error is transient, so the job comes back after the backoff.
+
+HTTP rules common to all providers (``http_error``): 408 and 5xx are transient, with
+``Retry-After`` (seconds or an HTTP date) as ``retry_after``; 429 is ``RecipientThrottled``;
+401 and 403 are ``ProviderRejected``; other 4xx are permanent. Timeouts and connection errors
+are transient (``post``). Error messages never carry the request: ihuyi puts its API key in
+the form body, and httpx messages do not echo bodies.
 """
 
 from __future__ import annotations
@@ -16,17 +23,25 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import httpx
+from pydantic import SecretStr
 
 from notifier.channels.base import Channel
+from notifier.channels.circuit import CircuitBreaker
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
     DeliveryTimeout,
+    InvalidMessage,
+    InvalidRequest,
     PermanentDeliveryError,
+    ProviderRejected,
+    RecipientRejected,
+    RecipientThrottled,
     TransientDeliveryError,
 )
 from notifier.models import Message, Receipt, utcnow
@@ -34,16 +49,58 @@ from notifier.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
+#: The settings every provider has, as in NOTIFIER_SMS_<NAME>_<SETTING>.
+Setting = Literal["url", "account", "api_key", "from"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One provider's NOTIFIER_SMS_* settings, resolved as PROTOCOL.md says: a provider other
+    than the first reads NOTIFIER_SMS_<NAME>_*; the first reads those, else NOTIFIER_SMS_*."""
+
+    name: str
+    first: bool
+    url: str | None
+    account: str | None
+    api_key: SecretStr | None
+    sender: str | None
+
+    @classmethod
+    def of(cls, settings: Settings, name: str) -> Self:
+        first = settings.sms_provider[:1] == (name,)
+
+        def pick(field: Setting) -> Any:
+            own = getattr(settings, f"sms_{name}_{field}")
+            return own if own is not None or not first else getattr(settings, f"sms_{field}")
+
+        return cls(name, first, pick("url"), pick("account"), pick("api_key"), pick("from"))
+
+    def required(self, value: T | None, field: Setting) -> T:
+        """A setting the provider cannot work without; its absence stops the service."""
+        if value is not None:
+            return value
+        own = f"NOTIFIER_SMS_{self.name.upper()}_{field.upper()}"
+        variable = f"NOTIFIER_SMS_{field.upper()}" if self.first else own
+        also = f" (or {own})" if self.first else ""
+        raise SettingsError(f"{variable}: required for the {self.name} SMS provider{also}")
+
 
 class SMSProvider(ABC):
     """One gateway's request format and answer codes."""
 
     name: ClassVar[str]
 
+    #: The longest text (in characters) the gateway takes; None: no documented limit.
+    max_text_length: ClassVar[int | None] = None
+
     @classmethod
     @abstractmethod
-    def from_settings(cls, settings: Settings) -> Self:
-        """Build from the NOTIFIER_SMS_* settings; a missing one is a ``SettingsError``."""
+    def from_settings(cls, settings: Settings, config: ProviderConfig) -> Self:
+        """Build from its settings; a missing one is a ``SettingsError``."""
+
+    def refuses(self, number: str) -> str | None:
+        """Why this gateway cannot send to ``number`` at all (another one may), or None."""
+        return None
 
     @abstractmethod
     async def send_one(
@@ -51,13 +108,6 @@ class SMSProvider(ABC):
     ) -> str | None:
         """Send ``text`` to ``number``; return the provider's message id, or raise
         ``DeliveryError``."""
-
-
-def required(value: T | None, variable: str, provider: str) -> T:
-    """A setting the provider cannot work without; its absence stops the service at start."""
-    if value is None:
-        raise SettingsError(f"NOTIFIER_{variable}: required for the {provider} SMS provider")
-    return value
 
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -74,12 +124,19 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (moment - utcnow()).total_seconds())
 
 
-def http_error(provider: str, response: httpx.Response, detail: str = "") -> DeliveryError:
-    """The error for a non-2xx answer: 408, 429 and 5xx transient, other 4xx permanent."""
+def http_error(
+    provider: str, response: httpx.Response, number: str, detail: str = ""
+) -> DeliveryError:
+    """The error for a non-2xx answer: 408 and 5xx transient, 429 the number throttled,
+    401 and 403 our account refused, other 4xx permanent."""
     status = response.status_code
     text = f"{provider}: HTTP {status} {response.reason_phrase}" + (f": {detail}" if detail else "")
-    if status in (408, 429) or status >= 500:
+    if status == 429:
+        return RecipientThrottled(text, recipient=number, retry_after=retry_after(response))
+    if status == 408 or status >= 500:
         return TransientDeliveryError(text, retry_after=retry_after(response))
+    if status in (401, 403):
+        return ProviderRejected(text)
     return PermanentDeliveryError(text)
 
 
@@ -123,62 +180,147 @@ def new_http_clients(settings: Settings) -> list[httpx.AsyncClient]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A provider and the circuit that says whether to try it now."""
+
+    provider: SMSProvider
+    circuit: CircuitBreaker
+
+
+#: What one number came to: (provider name, provider id), or the error.
+Sent = tuple[str, str | None]
+
+
 class SMSChannel(Channel):
-    def __init__(self, provider: SMSProvider, clients: Sequence[httpx.AsyncClient]) -> None:
-        self.provider = provider.name
-        self._provider = provider
+    def __init__(
+        self,
+        providers: Sequence[SMSProvider],
+        clients: Sequence[httpx.AsyncClient],
+        *,
+        circuits: Sequence[CircuitBreaker] | None = None,
+    ) -> None:
+        if not providers:
+            raise ValueError("an SMS channel needs at least one provider")
+        circuits = circuits or [CircuitBreaker(p.name) for p in providers]
+        self.provider = ",".join(p.name for p in providers)
+        self._routes = [Route(p, c) for p, c in zip(providers, circuits, strict=True)]
         self._clients = list(clients)
         self._busy = [0] * len(self._clients)
+        limits = [p.max_text_length for p in providers if p.max_text_length is not None]
+        #: The longest text every provider takes (failover must not meet a refusal).
+        self.max_text_length: int | None = min(limits, default=None)
+
+    @property
+    def circuits(self) -> list[CircuitBreaker]:
+        """For ``Metrics.track_circuits``."""
+        return [route.circuit for route in self._routes]
+
+    def check(self, message: Message) -> None:
+        """Refuse at intake what no provider would take (``InvalidRequest`` naming the field)."""
+        length = len(message.text or "")
+        if self.max_text_length is not None and length > self.max_text_length:
+            raise InvalidRequest(
+                f"text: {length} characters, more than the {self.max_text_length} "
+                f"the SMS provider ({self.provider}) accepts"
+            )
 
     async def send(self, message: Message) -> Receipt:
         """Each number once; some failing raise with ``delivered`` set for the others."""
         if not message.text:
-            raise PermanentDeliveryError(f"{self.provider}: the message has no text")
+            raise InvalidMessage(f"{self.provider}: the message has no text")
         numbers = message.pending_to
         results = await asyncio.gather(*(self._one(message, number) for number in numbers))
-        delivered = {
-            n: r for n, r in zip(numbers, results, strict=True) if not isinstance(r, DeliveryError)
-        }
-        failed = {
-            n: r for n, r in zip(numbers, results, strict=True) if isinstance(r, DeliveryError)
-        }
+        sent = {n: r for n, r in zip(numbers, results, strict=True) if isinstance(r, tuple)}
+        failed = {n: r for n, r in zip(numbers, results, strict=True) if not isinstance(r, tuple)}
+        delivered = {number: provider_id for number, (_, provider_id) in sent.items()}
+        providers = {number: name for number, (name, _) in sent.items()}
         if not failed:
-            return Receipt(provider_ids=delivered)
+            return Receipt(provider_ids=delivered, providers=providers)
         if len(numbers) == 1:
             raise next(iter(failed.values()))
-        raise _combined(failed, delivered, total=len(numbers))
+        raise _combined(failed, delivered, providers, total=len(numbers))
 
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()
 
-    async def _one(self, message: Message, number: str) -> str | DeliveryError | None:
+    async def _one(self, message: Message, number: str) -> Sent | DeliveryError:
+        """The number through the first provider that takes it (see the module docstring)."""
+        errors: list[DeliveryError] = []
+        routes = [r for r in self._routes if r.provider.refuses(number) is None]
+        if not routes:
+            reasons = (r.provider.refuses(number) for r in self._routes)
+            return RecipientRejected("; ".join(r for r in reasons if r))
+        for route in routes:
+            if not route.circuit.allow():
+                continue
+            try:
+                provider_id = await self._send_via(route.provider, message, number)
+            except ProviderRejected as exc:
+                route.circuit.trip(exc.message)
+                errors.append(exc)
+            except (PermanentDeliveryError, RecipientThrottled) as exc:
+                route.circuit.succeeded()  # it answered: it is up, the message is the problem
+                return exc
+            except TransientDeliveryError as exc:
+                route.circuit.failed(exc.message)
+                errors.append(exc)
+            else:
+                route.circuit.succeeded()
+                return route.provider.name, provider_id
+        return _unavailable(errors, routes)
+
+    async def _send_via(self, provider: SMSProvider, message: Message, number: str) -> str | None:
         turn = self._busy.index(min(self._busy))  # the least busy pool: none waits needlessly
         self._busy[turn] += 1
         try:
-            return await self._provider.send_one(
+            return await provider.send_one(
                 self._clients[turn], message.text or "", number, message.id
             )
-        except DeliveryError as exc:
-            return exc
         finally:
             self._busy[turn] -= 1
 
 
+def _unavailable(errors: list[DeliveryError], routes: list[Route]) -> DeliveryError:
+    """No provider took the number: try again later, whichever way each one failed."""
+    if len(errors) == 1 and errors[0].transient:
+        return errors[0]
+    if not errors:
+        names = ", ".join(route.provider.name for route in routes)
+        wait = min(route.circuit.reopens_in() for route in routes)
+        return TransientDeliveryError(
+            f"every SMS provider's circuit is open ({names})", retry_after=wait or None
+        )
+    waits = [e.retry_after for e in errors if e.retry_after is not None]
+    error = TransientDeliveryError(
+        "no SMS provider took it: " + "; ".join(e.message for e in errors),
+        retry_after=max(waits, default=None),
+    )
+    error.__cause__ = errors[-1]
+    return error
+
+
 def _combined(
-    failed: dict[str, DeliveryError], delivered: dict[str, str | None], *, total: int
+    failed: dict[str, DeliveryError],
+    delivered: dict[str, str | None],
+    providers: dict[str, str],
+    *,
+    total: int,
 ) -> DeliveryError:
     """One error for several failed numbers: transient if any is, the longest wait."""
     transient = [error for error in failed.values() if error.transient]
     text = f"{len(failed)} of {total} numbers failed: " + "; ".join(
         f"{number}: {error.message}" for number, error in failed.items()
     )
-    if not transient:
-        error: DeliveryError = PermanentDeliveryError(text, delivered=delivered)
-    else:
-        waits = [e.retry_after for e in transient if e.retry_after is not None]
-        error = TransientDeliveryError(
-            text, retry_after=max(waits, default=None), delivered=delivered
-        )
+    waits = [e.retry_after for e in transient if e.retry_after is not None]
+    cls = TransientDeliveryError if transient else PermanentDeliveryError
+    error = cls(
+        text,
+        retry_after=max(waits, default=None),
+        delivered=delivered,
+        providers=providers,
+        failed=failed,
+    )
     error.__cause__ = next(iter(failed.values()))
     return error

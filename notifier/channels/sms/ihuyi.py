@@ -3,43 +3,46 @@
 Request: ``account`` (APIID), ``password`` (API key), ``mobile`` (national form: ``+86`` is
 dropped; ihuyi's Submit API serves Chinese numbers only), ``content``, ``format=json``.
 Answer: ``{"code": 2, "msg": "提交成功", "smsid": "..."}`` on success; ``smsid`` is the
-provider id. Any other code is classified by ``CODES`` (from ihuyi's published code list):
+provider id. Any other code is classified by ``CODES`` (from ihuyi's published code list)
+by who is wrong: the number, the message, or our account (``ProviderRejected``: another
+provider may deliver, and this one's circuit opens); or whether to try later, after the
+backoff or, for the "too often" codes (``RecipientThrottled``), after a wait:
 
 ====== ============================================ ==============================
 code   meaning                                      handling
 ====== ============================================ ==============================
 0      submission failed                            transient
-400    IP not allowed                               permanent
-401    account (APIID) empty                        permanent
-402    password (API key) empty                     permanent
-403    number empty                                 permanent
-4030   number is on the blacklist                   permanent
-404    content empty                                permanent
-405    APIID or API key wrong                       permanent
-4050   account frozen                               permanent
-40501  dynamic password expired                     permanent
-40502  dynamic password wrong                       permanent
-4051   balance too low                              permanent
-4052   IP does not match the registered IP          permanent
-406    number format wrong                          permanent
-407    content has forbidden words                  permanent
-4070   signature format wrong                       permanent
-4071   no registered template                       permanent
-4072   content does not match an approved template  permanent
-40722  a variable is too long                       permanent
-4073   content too long                             permanent
-4074   content contains emoji                       permanent
-4075   signature not approved                       permanent
-408    account frozen for abuse (sending limit)     permanent
-4010   channel limit: 1 per number per minute       transient, 60 s
-4080   per-number limit per second                  transient
-4081   per-number limit per minute                  transient, 60 s
-4082   per-number daily limit                       transient, next day (China)
-4083   same-content limit per minute                transient, 60 s
-4084   same-content daily limit                     transient, next day (China)
-4085   per-number daily verification-code limit     transient, next day (China)
-4086   sending too often to this number             transient
-40864  number is on the blacklist                   permanent
+400    IP not allowed                               account
+401    account (APIID) empty                        account
+402    password (API key) empty                     account
+403    number empty                                 number
+4030   number is on the blacklist                   number
+404    content empty                                message
+405    APIID or API key wrong                       account
+4050   account frozen                               account
+40501  dynamic password expired                     account
+40502  dynamic password wrong                       account
+4051   balance too low                              account
+4052   IP does not match the registered IP          account
+406    number format wrong                          number
+407    content has forbidden words                  message
+4070   signature format wrong                       message
+4071   no registered template                       account
+4072   content does not match an approved template  message
+40722  a variable is too long                       message
+4073   content too long                             message
+4074   content contains emoji                       message
+4075   signature not approved                       message
+408    account frozen for abuse (sending limit)     account
+4010   channel limit: 1 per number per minute       throttled, 60 s
+4080   per-number limit per second                  throttled, 1 s
+4081   per-number limit per minute                  throttled, 60 s
+4082   per-number daily limit                       throttled, next day (China)
+4083   same-content limit per minute                throttled, 60 s
+4084   same-content daily limit                     throttled, next day (China)
+4085   per-number daily verification-code limit     throttled, next day (China)
+4086   sending too often to this number             throttled, 60 s
+40864  number is on the blacklist                   number
 ====== ============================================ ==============================
 
 "Next day" waits until midnight in China time (UTC+8), at least an hour. A code not in
@@ -56,8 +59,16 @@ from typing import Self
 import httpx
 from pydantic import SecretStr
 
-from notifier.channels.sms.base import SMSProvider, http_error, post, required
-from notifier.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from notifier.channels.sms.base import ProviderConfig, SMSProvider, http_error, post
+from notifier.errors import (
+    DeliveryError,
+    InvalidMessage,
+    PermanentDeliveryError,
+    ProviderRejected,
+    RecipientRejected,
+    RecipientThrottled,
+    TransientDeliveryError,
+)
 from notifier.models import utcnow
 from notifier.settings import Settings
 
@@ -66,48 +77,59 @@ SUCCESS = 2
 CHINA = timezone(timedelta(hours=8), "Asia/Shanghai")
 
 
-class Wait(Enum):
-    """How a code is handled: never retried, retried after backoff, or after a wait."""
+class Fault(Enum):
+    """Who a code blames, and so which error it becomes."""
 
-    PERMANENT = "permanent"
-    BACKOFF = "backoff"
-    MINUTE = "minute"
-    NEXT_DAY = "next day"
+    NUMBER = "number"
+    MESSAGE = "message"
+    ACCOUNT = "account"
+    LATER = "later"
+    THROTTLED_SECOND = "per second"
+    THROTTLED_MINUTE = "per minute"
+    THROTTLED_DAY = "per day"
 
 
-CODES: dict[int, tuple[Wait, str]] = {
-    0: (Wait.BACKOFF, "submission failed"),
-    400: (Wait.PERMANENT, "IP not allowed"),
-    401: (Wait.PERMANENT, "account (APIID) empty"),
-    402: (Wait.PERMANENT, "password (API key) empty"),
-    403: (Wait.PERMANENT, "number empty"),
-    4030: (Wait.PERMANENT, "number is on the blacklist"),
-    404: (Wait.PERMANENT, "content empty"),
-    405: (Wait.PERMANENT, "APIID or API key wrong"),
-    4050: (Wait.PERMANENT, "account frozen"),
-    40501: (Wait.PERMANENT, "dynamic password expired"),
-    40502: (Wait.PERMANENT, "dynamic password wrong"),
-    4051: (Wait.PERMANENT, "balance too low"),
-    4052: (Wait.PERMANENT, "IP does not match the registered IP"),
-    406: (Wait.PERMANENT, "number format wrong"),
-    407: (Wait.PERMANENT, "content has forbidden words"),
-    4070: (Wait.PERMANENT, "signature format wrong"),
-    4071: (Wait.PERMANENT, "no registered template"),
-    4072: (Wait.PERMANENT, "content does not match an approved template"),
-    40722: (Wait.PERMANENT, "a variable is too long"),
-    4073: (Wait.PERMANENT, "content too long"),
-    4074: (Wait.PERMANENT, "content contains emoji"),
-    4075: (Wait.PERMANENT, "signature not approved"),
-    408: (Wait.PERMANENT, "account frozen for abuse (sending limit)"),
-    4010: (Wait.MINUTE, "channel limit: 1 per number per minute"),
-    4080: (Wait.BACKOFF, "per-number limit per second"),
-    4081: (Wait.MINUTE, "per-number limit per minute"),
-    4082: (Wait.NEXT_DAY, "per-number daily limit"),
-    4083: (Wait.MINUTE, "same-content limit per minute"),
-    4084: (Wait.NEXT_DAY, "same-content daily limit"),
-    4085: (Wait.NEXT_DAY, "per-number daily verification-code limit"),
-    4086: (Wait.BACKOFF, "sending too often to this number"),
-    40864: (Wait.PERMANENT, "number is on the blacklist"),
+NUMBER, MESSAGE, ACCOUNT, LATER = Fault.NUMBER, Fault.MESSAGE, Fault.ACCOUNT, Fault.LATER
+
+CODES: dict[int, tuple[Fault, str]] = {
+    0: (LATER, "submission failed"),
+    400: (ACCOUNT, "IP not allowed"),
+    401: (ACCOUNT, "account (APIID) empty"),
+    402: (ACCOUNT, "password (API key) empty"),
+    403: (NUMBER, "number empty"),
+    4030: (NUMBER, "number is on the blacklist"),
+    404: (MESSAGE, "content empty"),
+    405: (ACCOUNT, "APIID or API key wrong"),
+    4050: (ACCOUNT, "account frozen"),
+    40501: (ACCOUNT, "dynamic password expired"),
+    40502: (ACCOUNT, "dynamic password wrong"),
+    4051: (ACCOUNT, "balance too low"),
+    4052: (ACCOUNT, "IP does not match the registered IP"),
+    406: (NUMBER, "number format wrong"),
+    407: (MESSAGE, "content has forbidden words"),
+    4070: (MESSAGE, "signature format wrong"),
+    4071: (ACCOUNT, "no registered template"),
+    4072: (MESSAGE, "content does not match an approved template"),
+    40722: (MESSAGE, "a variable is too long"),
+    4073: (MESSAGE, "content too long"),
+    4074: (MESSAGE, "content contains emoji"),
+    4075: (MESSAGE, "signature not approved"),
+    408: (ACCOUNT, "account frozen for abuse (sending limit)"),
+    4010: (Fault.THROTTLED_MINUTE, "channel limit: 1 per number per minute"),
+    4080: (Fault.THROTTLED_SECOND, "per-number limit per second"),
+    4081: (Fault.THROTTLED_MINUTE, "per-number limit per minute"),
+    4082: (Fault.THROTTLED_DAY, "per-number daily limit"),
+    4083: (Fault.THROTTLED_MINUTE, "same-content limit per minute"),
+    4084: (Fault.THROTTLED_DAY, "same-content daily limit"),
+    4085: (Fault.THROTTLED_DAY, "per-number daily verification-code limit"),
+    4086: (Fault.THROTTLED_MINUTE, "sending too often to this number"),
+    40864: (NUMBER, "number is on the blacklist"),
+}
+
+PERMANENT: dict[Fault, type[PermanentDeliveryError]] = {
+    NUMBER: RecipientRejected,
+    MESSAGE: InvalidMessage,
+    ACCOUNT: ProviderRejected,
 }
 
 
@@ -118,31 +140,27 @@ def until_next_china_day(now: datetime | None = None) -> float:
     return max(3600.0, (midnight - local).total_seconds())
 
 
-def code_error(code: int, msg: str) -> DeliveryError:
+def code_error(code: int, msg: str, number: str) -> DeliveryError:
     """The one place ihuyi's answer codes become delivery errors (see the table above)."""
-    wait, meaning = CODES.get(code, (Wait.BACKOFF, "unknown code"))
+    fault, meaning = CODES.get(code, (LATER, "unknown code"))
     text = f"ihuyi: code {code} ({meaning}): {msg}" if msg else f"ihuyi: code {code} ({meaning})"
-    if wait is Wait.PERMANENT:
-        return PermanentDeliveryError(text)
-    retry_after = {Wait.MINUTE: 60.0, Wait.NEXT_DAY: until_next_china_day()}.get(wait)
-    return TransientDeliveryError(text, retry_after=retry_after)
+    if fault in PERMANENT:
+        return PERMANENT[fault](text)
+    if fault is LATER:
+        return TransientDeliveryError(text)
+    wait = {Fault.THROTTLED_SECOND: 1.0, Fault.THROTTLED_MINUTE: 60.0}.get(fault)
+    return RecipientThrottled(text, recipient=number, retry_after=wait or until_next_china_day())
 
 
 def national(number: str) -> str:
     """The form ihuyi takes: ``+8613800138000`` -> ``13800138000``."""
-    if number.startswith("+86"):
-        return number[3:]
-    if number.startswith("+"):
-        raise PermanentDeliveryError(
-            f"ihuyi: {number} is not a Chinese (+86) number; ihuyi's Submit API sends in China only"
-        )
-    return number
+    return number[3:] if number.startswith("+86") else number
 
 
-def read_answer(response: httpx.Response) -> str | None:
+def read_answer(response: httpx.Response, number: str) -> str | None:
     """The ``smsid`` of a successful answer, or the error for any other."""
     if not response.is_success:
-        raise http_error("ihuyi", response)
+        raise http_error("ihuyi", response, number)
     try:
         answer = response.json()
         code = int(answer["code"])
@@ -152,13 +170,14 @@ def read_answer(response: httpx.Response) -> str | None:
             f"{response.headers.get('content-type', 'no content type')})"
         ) from exc
     if code != SUCCESS:
-        raise code_error(code, str(answer.get("msg") or ""))
+        raise code_error(code, str(answer.get("msg") or ""), number)
     smsid = answer.get("smsid")
     return str(smsid) if smsid else None
 
 
 class IhuyiProvider(SMSProvider):
     name = "ihuyi"
+    max_text_length = 300
 
     def __init__(self, *, url: str, account: str, api_key: SecretStr) -> None:
         self.url = url
@@ -166,12 +185,20 @@ class IhuyiProvider(SMSProvider):
         self._api_key = api_key
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
+    def from_settings(cls, settings: Settings, config: ProviderConfig) -> Self:
         return cls(
-            url=settings.sms_url or DEFAULT_URL,
-            account=required(settings.sms_account, "SMS_ACCOUNT", cls.name),
-            api_key=required(settings.sms_api_key, "SMS_API_KEY", cls.name),
+            url=config.url or DEFAULT_URL,
+            account=config.required(config.account, "account"),
+            api_key=config.required(config.api_key, "api_key"),
         )
+
+    def refuses(self, number: str) -> str | None:
+        if number.startswith("+") and not number.startswith("+86"):
+            return (
+                f"ihuyi: {number} is not a Chinese (+86) number; "
+                "ihuyi's Submit API sends in China only"
+            )
+        return None
 
     async def send_one(
         self, client: httpx.AsyncClient, text: str, number: str, job_id: str
@@ -183,4 +210,4 @@ class IhuyiProvider(SMSProvider):
             "content": text,
             "format": "json",
         }
-        return read_answer(await post(client, self.name, self.url, data=form))
+        return read_answer(await post(client, self.name, self.url, data=form), number)

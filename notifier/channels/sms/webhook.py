@@ -1,9 +1,10 @@
 """An in-house gateway: a JSON POST per number to NOTIFIER_SMS_URL; any 2xx is success.
 
 Body ``{"id": job id, "to": number, "text": ..., "from": NOTIFIER_SMS_FROM}``. When
-NOTIFIER_SMS_API_KEY is set it is the HMAC secret, never sent: the header
-``X-Notifier-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` lets the gateway check
-the request came from us. Failures follow the common HTTP rules.
+NOTIFIER_SMS_API_KEY (NOTIFIER_SMS_WEBHOOK_API_KEY) is set it is the HMAC secret, never
+sent: the header ``X-Notifier-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` lets the
+gateway check the request came from us. Failures follow the common HTTP rules: a 401 or 403
+means the gateway refuses us (a wrong secret), so a later provider takes over.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Self
 import httpx
 from pydantic import SecretStr
 
-from notifier.channels.sms.base import SMSProvider, http_error, post, required
+from notifier.channels.sms.base import ProviderConfig, SMSProvider, http_error, post
 from notifier.settings import Settings
 
 SIGNATURE_HEADER = "X-Notifier-Signature"
@@ -35,11 +36,9 @@ class WebhookProvider(SMSProvider):
         self.sender = sender
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
+    def from_settings(cls, settings: Settings, config: ProviderConfig) -> Self:
         return cls(
-            url=required(settings.sms_url, "SMS_URL", cls.name),
-            secret=settings.sms_api_key,
-            sender=settings.sms_from,
+            url=config.required(config.url, "url"), secret=config.api_key, sender=config.sender
         )
 
     async def send_one(
@@ -52,5 +51,5 @@ class WebhookProvider(SMSProvider):
             headers[SIGNATURE_HEADER] = sign(self._secret.get_secret_value().encode(), body)
         response = await post(client, self.name, self.url, content=body, headers=headers)
         if not response.is_success:
-            raise http_error(self.name, response)
+            raise http_error(self.name, response, number)
         return None

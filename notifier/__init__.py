@@ -11,13 +11,14 @@ from importlib.metadata import version as _version
 
 from notifier.channels import Channel
 from notifier.client._async import AsyncClient
-from notifier.client._core import JobInfo, SendResult
+from notifier.client._core import JobInfo, SendResult, Suppression
 from notifier.client._sync import Client
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
     DeliveryTimeout,
     InternalError,
+    InvalidMessage,
     InvalidJSON,
     InvalidRequest,
     LineTooLong,
@@ -25,7 +26,10 @@ from notifier.errors import (
     NotifierConnectionError,
     NotifierError,
     PermanentDeliveryError,
+    ProviderRejected,
     RateLimited,
+    RecipientRejected,
+    RecipientThrottled,
     TemplateError,
     TransientDeliveryError,
     Unauthorized,
@@ -49,6 +53,7 @@ __all__ = [
     "DeliveryError",
     "DeliveryTimeout",
     "InternalError",
+    "InvalidMessage",
     "InvalidJSON",
     "InvalidRequest",
     "JobInfo",
@@ -59,9 +64,13 @@ __all__ = [
     "NotifierConnectionError",
     "NotifierError",
     "PermanentDeliveryError",
+    "ProviderRejected",
     "RateLimited",
+    "RecipientRejected",
+    "RecipientThrottled",
     "Receipt",
     "SendResult",
+    "Suppression",
     "TemplateError",
     "TransientDeliveryError",
     "Unauthorized",

@@ -97,9 +97,6 @@ class Settings(BaseSettings):
     sms_timeout: float = Field(15.0, gt=0)
     circuit_failures: int = Field(5, ge=1)
     circuit_open_seconds: float = Field(30.0, gt=0)
-    # The receipts listener's URL as providers see it (Twilio's StatusCallback points there).
-    # main defines it in its Receipts block too: on merge keep that one, drop this line.
-    receipts_public_url: str | None = None
 
     # Logs
     log_format: Literal["text", "json"] = "text"

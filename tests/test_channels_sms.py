@@ -832,7 +832,7 @@ def test_the_longest_text_is_what_every_provider_takes(providers: str, limit: in
 
 def jobs_store(tmp_path: Path) -> Store:
     settings = isolated_settings(tmp_path)
-    return open_store(settings.database_url, settings)
+    return open_store(settings)
 
 
 def intake(tmp_path: Path, channel: SMSChannel) -> Intake:

@@ -57,7 +57,7 @@ def parse_dsn(message: Message) -> list[Bounce]:
     if not is_dsn(message):
         raise DSNError("not a multipart/report; report-type=delivery-status message")
     per_message, per_recipient = _status_blocks(message)
-    failed = [block for block in per_recipient if _field(block, "Action").lower() == "failed"]
+    failed = [block for block in per_recipient if header_value(block, "Action").lower() == "failed"]
     if not failed:
         return []
     message_id = _original_message_id(message, per_message)
@@ -75,15 +75,15 @@ def _status_blocks(message: Message) -> tuple[Message, list[Message]]:
 
 
 def _bounce(message_id: str, block: Message) -> Bounce:
-    recipient = _typed_value(_field(block, "Original-Recipient")) or _typed_value(
-        _field(block, "Final-Recipient")
+    recipient = _typed_value(header_value(block, "Original-Recipient")) or _typed_value(
+        header_value(block, "Final-Recipient")
     )
     if not recipient:
         raise DSNError("a failed recipient block has no Final-Recipient")
-    status = _field(block, "Status")
+    status = header_value(block, "Status")
     if not status:
         raise DSNError(f"the failed block for {recipient} has no Status")
-    diagnostic = _typed_value(_field(block, "Diagnostic-Code")) or None
+    diagnostic = _typed_value(header_value(block, "Diagnostic-Code")) or None
     return Bounce(message_id, recipient, status.split()[0], diagnostic)
 
 
@@ -99,19 +99,19 @@ def _original_message_id(message: Message, per_message: Message) -> str:
             original = parse_message(payload if isinstance(payload, bytes) else b"")
         else:
             continue
-        if found := _field(original, "Message-ID"):
+        if found := header_value(original, "Message-ID"):
             return found
     for fallback in (
-        _field(per_message, "Original-Envelope-Id"),
-        _field(message, "In-Reply-To"),
-        (_field(message, "References").split() or [""])[-1],
+        header_value(per_message, "Original-Envelope-Id"),
+        header_value(message, "In-Reply-To"),
+        (header_value(message, "References").split() or [""])[-1],
     ):
         if fallback.startswith("<") and fallback.endswith(">"):
             return fallback
     raise DSNError("the original message's Message-ID is nowhere in the report")
 
 
-def _field(block: Message, name: str) -> str:
+def header_value(block: Message, name: str) -> str:
     """A header's value, unfolded, with runs of white space made one space."""
     value = block.get(name)
     return _SPACES.sub(" ", str(value)).strip() if value is not None else ""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from email.message import Message
 from types import TracebackType
 
-from notifier.bounces.dsn import Bounce, is_dsn, parse_dsn, parse_message
+from notifier.bounces.dsn import Bounce, header_value, is_dsn, parse_dsn, parse_message
 from notifier.bounces.mailbox import MailboxConfig, MailboxError, MailboxSession, open_session
 
 log = logging.getLogger("notifier.bounces")
@@ -168,5 +168,7 @@ class BounceReader:
 
 def _describe(message: Message) -> str:
     """Enough to find the message in the mailbox by hand."""
-    fields = (f"{name} {message.get(name)!r}" for name in ("Message-ID", "From", "Subject"))
+    fields = (
+        f"{name} {header_value(message, name)!r}" for name in ("Message-ID", "From", "Subject")
+    )
     return "message (" + ", ".join(fields) + ")"

@@ -241,6 +241,24 @@ async def test_reads_records_and_deletes(
     assert len(sink.bounces) == 2
 
 
+async def test_odd_messages_neither_crash_nor_stop_the_reader(
+    dovecot: DovecotServer, ca_file: Path
+) -> None:
+    dovecot.deliver(b"\xff\xfe\x00 not mail at all \x80\x81\n\n\x00\xff")
+    dovecot.deliver(
+        b"From: MAILER-DAEMON@example.com\nSubject: =?bogus?Q?x?=\nMIME-Version: 1.0\n"
+        b"Content-Type: multipart/report; report-type=delivery-status\n\nno boundary\n"
+    )
+    dovecot.deliver(sample("postfix-user-unknown.eml"))
+    sink = Sink()
+    result = await BounceReader(config_for(dovecot, "imaps", ca_file), sink.record).poll()
+    assert result is not None
+    assert (result.bounces, result.deleted, result.kept) == (1, 2, 1)
+    assert sink.bounces == [USER_UNKNOWN]
+    (left,) = dovecot.messages()
+    assert b"no boundary" in left
+
+
 async def test_a_failing_sink_keeps_the_message_for_the_next_poll(
     dovecot: DovecotServer, scheme: str, ca_file: Path
 ) -> None:
@@ -306,7 +324,7 @@ async def test_the_loop_retries_until_the_mailbox_answers_and_never_logs_the_pas
     with bound_socket() as mailbox_socket, caplog.at_level(logging.DEBUG):
         port = mailbox_socket.getsockname()[1]
         config = config_for(dovecot, "pop3s", ca_file, port=port)
-        async with BounceReader(config, sink.record, interval=0.05):
+        async with BounceReader(config, sink.record, interval=0.05).running():
             await wait_for(
                 lambda: caplog.text.count("bounce mailbox unavailable") >= 2,
                 what="failed polls logged",

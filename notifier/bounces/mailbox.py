@@ -136,22 +136,41 @@ def _tls_context(config: MailboxConfig) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=config.ca_file)
 
 
-class _POP3Session:
+class _Session:
+    """Connect and log in; a failed login closes the connection it opened."""
+
     def __init__(self, config: MailboxConfig) -> None:
         self._config = config
-        self._pop: poplib.POP3
-        if config.tls:
-            self._pop = poplib.POP3_SSL(
-                config.host, config.port, timeout=config.timeout, context=_tls_context(config)
-            )
-        else:
-            self._pop = poplib.POP3(config.host, config.port, timeout=config.timeout)
+        self._connect(_tls_context(config) if config.tls else None)
         try:
-            self._pop.user(config.username)
-            self._pop.pass_(config.password.get_secret_value())
+            self._login()
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, tls: ssl.SSLContext | None) -> None:
+        raise NotImplementedError
+
+    def _login(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _POP3Session(_Session):
+    _pop: poplib.POP3
+
+    def _connect(self, tls: ssl.SSLContext | None) -> None:
+        host, port, timeout = self._config.host, self._config.port, self._config.timeout
+        if tls is None:
+            self._pop = poplib.POP3(host, port, timeout=timeout)
+        else:
+            self._pop = poplib.POP3_SSL(host, port, timeout=timeout, context=tls)
+
+    def _login(self) -> None:
+        self._pop.user(self._config.username)
+        self._pop.pass_(self._config.password.get_secret_value())
 
     def keys(self) -> list[str]:
         with _translated(self._config):
@@ -176,25 +195,19 @@ class _POP3Session:
             self._pop.close()
 
 
-class _IMAPSession:
-    def __init__(self, config: MailboxConfig) -> None:
-        self._config = config
-        self._imap: imaplib.IMAP4
-        if config.tls:
-            self._imap = imaplib.IMAP4_SSL(
-                config.host,
-                config.port,
-                ssl_context=_tls_context(config),
-                timeout=config.timeout,
-            )
+class _IMAPSession(_Session):
+    _imap: imaplib.IMAP4
+
+    def _connect(self, tls: ssl.SSLContext | None) -> None:
+        host, port, timeout = self._config.host, self._config.port, self._config.timeout
+        if tls is None:
+            self._imap = imaplib.IMAP4(host, port, timeout=timeout)
         else:
-            self._imap = imaplib.IMAP4(config.host, config.port, timeout=config.timeout)
-        try:
-            self._imap.login(config.username, config.password.get_secret_value())
-            self._ok(self._imap.select("INBOX"))
-        except BaseException:
-            self.close()
-            raise
+            self._imap = imaplib.IMAP4_SSL(host, port, ssl_context=tls, timeout=timeout)
+
+    def _login(self) -> None:
+        self._imap.login(self._config.username, self._config.password.get_secret_value())
+        self._ok(self._imap.select("INBOX"))
 
     def _ok(self, answer: tuple[str, Sequence[object]]) -> Sequence[object]:
         status, data = answer

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from email.message import Message
-from types import TracebackType
 
 from notifier.bounces.dsn import Bounce, header_value, is_dsn, parse_dsn, parse_message
 from notifier.bounces.mailbox import MailboxConfig, MailboxError, MailboxSession, open_session
@@ -82,17 +81,14 @@ class BounceReader:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def __aenter__(self) -> BounceReader:
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[BounceReader]:
+        """Started for the block, stopped after it."""
         await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def _run(self) -> None:
         while True:

@@ -54,21 +54,16 @@ userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
 }}
-service pop3-login {{
-  inet_listener pop3 {{
-    port = {pop3}
+"""
+
+
+_LISTENERS = """\
+service {protocol}-login {{
+  inet_listener {protocol} {{
+    port = {plain}
   }}
-  inet_listener pop3s {{
-    port = {pop3s}
-    ssl = yes
-  }}
-}}
-service imap-login {{
-  inet_listener imap {{
-    port = {imap}
-  }}
-  inet_listener imaps {{
-    port = {imaps}
+  inet_listener {protocol}s {{
+    port = {tls}
     ssl = yes
   }}
 }}
@@ -154,7 +149,13 @@ def running_dovecot(tls_ca: trustme.CA) -> Iterator[DovecotServer]:
     certificate.private_key_pem.write_to_path(str(root / "server.key"))
     ports = {scheme: _free_port() for scheme in SCHEMES}
     config = root / "dovecot.conf"
-    config.write_text(_CONFIG.format(root=root, uid=uid, gid=gid, **ports))
+    config.write_text(
+        _CONFIG.format(root=root, uid=uid, gid=gid)
+        + "".join(
+            _LISTENERS.format(protocol=name, plain=ports[name], tls=ports[name + "s"])
+            for name in ("pop3", "imap")
+        )
+    )
     with (root / "stderr").open("wb") as stderr:
         process = subprocess.Popen([binary, "-F", "-c", str(config)], stderr=stderr)
     try:

@@ -28,9 +28,9 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
-Protocol_ = Literal["pop3", "imap"]
+MailProtocol = Literal["pop3", "imap"]
 
-_SCHEMES: dict[str, tuple[Protocol_, bool, int]] = {
+_SCHEMES: dict[str, tuple[MailProtocol, bool, int]] = {
     "pop3": ("pop3", False, 110),
     "pop3s": ("pop3", True, 995),
     "imap": ("imap", False, 143),
@@ -44,7 +44,7 @@ class MailboxError(ConnectionError):
 
 @dataclass(frozen=True)
 class MailboxConfig:
-    protocol: Protocol_
+    protocol: MailProtocol
     tls: bool
     host: str
     port: int

@@ -12,6 +12,8 @@ What happens to each message:
   poll ends there; the next poll reads it again. Deletions made so far are committed.
 
 Mailbox errors are logged and the next poll tries again; nothing stops the loop but ``stop``.
+Recording is at least once: a report recorded but not deleted (the connection broke in
+between) is recorded again at the next poll, so the sink must take duplicates calmly.
 Each poll runs under ``exclusive()`` (the integrator passes a PostgreSQL advisory lock, so
 only one instance reads a shared mailbox); when that yields ``False`` the poll is skipped.
 """
@@ -43,6 +45,8 @@ async def always_acquired() -> AsyncIterator[bool]:
 
 @dataclass
 class PollResult:
+    """What one poll did, for the log line and for tests."""
+
     deleted: int = 0
     kept: int = 0
     bounces: int = 0

@@ -292,6 +292,25 @@ async def test_another_instance_holding_the_lock_skips_the_poll(
     assert len(dovecot.messages()) == 1
 
 
+async def test_each_poll_reads_inside_the_lock(dovecot: DovecotServer, ca_file: Path) -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lock() -> AsyncIterator[bool]:
+        events.append("locked")
+        yield True
+        events.append("unlocked")
+
+    async def record(bounces: list[Bounce]) -> None:
+        events.append("recorded")
+
+    dovecot.deliver(sample("postfix-user-unknown.eml"))
+    reader = BounceReader(config_for(dovecot, "pop3", ca_file), record, exclusive=lock)
+    await reader.poll()
+    await reader.poll()
+    assert events == ["locked", "recorded", "unlocked", "locked", "unlocked"]
+
+
 async def test_a_wrong_password_is_a_mailbox_error_without_the_password(
     dovecot_alone: DovecotServer, scheme: str, ca_file: Path
 ) -> None:

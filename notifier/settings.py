@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from notifier.bounces.mailbox import MailboxConfig, parse_mailbox_url
+
 ENV_PREFIX = "NOTIFIER_"
 
 SMSProviderName = Literal["ihuyi", "twilio", "webhook"]
@@ -170,6 +172,35 @@ class Settings(BaseSettings):
 
     def concurrency_for(self, channel: str) -> int:
         return {"email": self.email_concurrency, "sms": self.sms_concurrency}.get(channel, 8)
+
+    # Bounces
+    bounce_mailbox: SecretStr | None = None
+    bounce_poll_interval: float = Field(60.0, gt=0)
+    bounce_ca_file: Path | None = None
+
+    @field_validator("bounce_mailbox", "bounce_ca_file", mode="before")
+    @classmethod
+    def _bounce_empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("bounce_mailbox")
+    @classmethod
+    def _check_bounce_mailbox(cls, value: SecretStr | None) -> SecretStr | None:
+        """Raises ``SettingsError`` itself: pydantic's error would quote the URL and password."""
+        if value is not None:
+            try:
+                parse_mailbox_url(value.get_secret_value())
+            except ValueError as exc:
+                raise SettingsError(f"bad setting: {ENV_PREFIX}BOUNCE_MAILBOX: {exc}") from None
+        return value
+
+    def bounce_mailbox_config(self) -> MailboxConfig | None:
+        """The typed mailbox the bounce reader polls; ``None`` when bounces are off."""
+        if self.bounce_mailbox is None:
+            return None
+        return parse_mailbox_url(
+            self.bounce_mailbox.get_secret_value(), ca_file=self.bounce_ca_file
+        )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -4,4 +4,5 @@ pytest_plugins: list[str] = [
     "tests.support.smtp",
     "tests.support.http_sink",
     "tests.support.postgres",
+    "tests.support.dovecot",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -77,6 +78,13 @@ class _EmbeddedUvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn exits the process when it cannot listen; here the service must unwind."""
+        try:
+            await super().startup(sockets)
+        except SystemExit as exc:
+            raise OSError(f"operations listener: {exc.__context__ or 'cannot listen'}") from None
 
 
 class OpsServer:

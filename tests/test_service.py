@@ -298,4 +298,3 @@ async def test_a_channel_refusing_its_settings_opens_nothing_and_closes_the_othe
     assert built.closed
     assert not (tmp_path / "notifier.db").exists(), "the store was opened before the check"
     await assert_nothing_left(settings)
-

@@ -95,7 +95,9 @@ def test_unknown_log_level_is_refused() -> None:
 
 
 def test_http_port_equal_to_port_is_refused() -> None:
-    assert refusal(port=7000, http_port=7000).startswith("NOTIFIER_HTTP_PORT: 7000 is NOTIFIER_PORT")
+    assert refusal(port=7000, http_port=7000).startswith(
+        "NOTIFIER_HTTP_PORT: 7000 is NOTIFIER_PORT"
+    )
 
 
 def test_several_mistakes_are_named_together(tmp_path: Path) -> None:

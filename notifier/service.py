@@ -66,7 +66,10 @@ async def background(
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: Store = open_store(settings.database_url, settings)
+        try:
+            self.store: Store = open_store(settings.database_url, settings)
+        except ValueError as exc:  # the backend refuses its URL, naming the variable
+            raise SettingsError(str(exc)) from None
         self.templates = Templates(settings.templates_dir)
         self.channels: dict[str, Channel] = {}
         self.metrics = Metrics()

@@ -140,7 +140,7 @@ class Settings(BaseSettings):
 
     @field_validator("smtp_ca_file", "tls_cert", "tls_key")
     @classmethod
-    def _readable_file(cls, value: Path | None) -> Path | None:
+    def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{value} is not a file; name an existing PEM file")
         return value

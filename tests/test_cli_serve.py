@@ -48,11 +48,20 @@ def cert_only(tmp_path: Path) -> str:
         ({"NOTIFIER_SMS_PROVIDER": "twilio"}, "NOTIFIER_SMS_ACCOUNT"),
         ({"NOTIFIER_SMS_PROVIDER": "webhook"}, "NOTIFIER_SMS_URL"),
         ({"NOTIFIER_DATABASE_URL": "mysql://db/notifier"}, "NOTIFIER_DATABASE_URL"),
+        ({"NOTIFIER_DATABASE_URL": "sqlite://"}, "NOTIFIER_DATABASE_URL"),
         ({"NOTIFIER_TEMPLATES_DIR": __file__}, "NOTIFIER_TEMPLATES_DIR"),
         ({"NOTIFIER_RETRY_MAX_ATTEMPTS": "many"}, "NOTIFIER_RETRY_MAX_ATTEMPTS"),
         ({"NOTIFIER_LOG_LEVEL": "loud"}, "NOTIFIER_LOG_LEVEL"),
     ],
-    ids=["twilio-account", "webhook-url", "mysql", "templates-file", "not-a-number", "log-level"],
+    ids=[
+        "twilio-account",
+        "webhook-url",
+        "mysql",
+        "sqlite-no-file",
+        "templates-file",
+        "not-a-number",
+        "log-level",
+    ],
 )
 def test_bad_configuration_exits_2_naming_the_variable(
     tmp_path: Path, env: dict[str, str], variable: str

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "serve",
         help="run the service",
         description="Run notifier: listen for jobs, store them and deliver them. Configured by"
-        " NOTIFIER_* environment variables or a .env file (see .env.example).",
+        " NOTIFIER_* environment variables or a .env file (see .env.example). Exits 2 when"
+        " the configuration is refused, 1 when a part cannot start.",
     )
     parser.set_defaults(handler=serve)
 

@@ -119,7 +119,3 @@ class HTTPServer:
         self._server.should_exit = True
         if self._task is not None:
             await self._task
-
-
-#: The name the service knows the operations listener's server by.
-OpsServer = HTTPServer

@@ -1,9 +1,16 @@
 """The running service: store, channels, intake, dispatcher and listener, started and
 stopped in order (uvicorn's explicit lifecycle).
 
-Start: open the store (taking back work a killed predecessor left in flight), build the
-channels once, then listen. Stop: stop accepting and answer what was read, commit what was
-accepted, let deliveries finish within the grace period and release the rest, close.
+Start builds every channel first, so that each configuration mistake is refused before
+anything opens; then it opens the store (taking back work a killed predecessor left in
+flight), the operations listener, the background loops and the listener. Each part that
+starts registers its own stop on one ``AsyncExitStack``, so stopping, and a start that fails
+half way, run the same stops in reverse: stop accepting and answer what was read, commit what
+was accepted, let deliveries finish within the grace period and release the rest, then close
+the operations listener, the store and the channels.
+
+A new background loop is one more ``stack.enter_async_context(background(...))`` in
+``start``, between the store it needs and the listener that feeds it.
 """
 
 from __future__ import annotations
@@ -13,38 +20,110 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 
-from notifier.channels import Channel, load_channels
+from notifier.channels import Channel
+from notifier.channels.registry import channel_factories
 from notifier.dispatcher import Dispatcher
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import utcnow
-from notifier.ops import OpsApp, OpsServer
+from notifier.ops import HTTPServer, OpsApp
 from notifier.server import Server
-from notifier.settings import Settings
+from notifier.settings import Settings, SettingsError
 from notifier.store import Store, StoreUnavailable, open_store
 from notifier.templates import Templates
 
 log = logging.getLogger("notifier")
 
 
+@contextlib.asynccontextmanager
+async def background(
+    name: str,
+    loop: Coroutine[Any, Any, None],
+    *,
+    stop: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``loop`` as a task for the life of the block; on exit ask it to ``stop`` (cancel
+    it when there is no gentler way) and wait for it, raising what it died of."""
+    task = asyncio.create_task(loop, name=name)
+    try:
+        yield task
+    finally:
+        try:
+            if stop is None:
+                task.cancel()
+            else:
+                await stop()
+        finally:
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.result()
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: Store = open_store(settings)
+        try:
+            self.store: Store = open_store(settings)
+        except ValueError as exc:  # the backend refuses its URL, naming the variable
+            raise SettingsError(str(exc)) from None
         self.templates = Templates(settings.templates_dir)
         self.channels: dict[str, Channel] = {}
         self.metrics = Metrics()
-        self.ops: OpsServer | None = None
-        self._dispatching: asyncio.Task[None] | None = None
-        self._pruning: asyncio.Task[None] | None = None
+        self.ops: HTTPServer | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._stop_requested = asyncio.Event()
 
     async def start(self) -> None:
-        await self.store.open()
-        self.channels = load_channels(self.settings)
-        for name, channel in self.channels.items():
+        """Start each part in turn; if one fails, stop those already started and raise."""
+        async with contextlib.AsyncExitStack() as stack:
+            self.channels = await self._build_channels(stack)
+            self.intake = Intake(
+                self.store,
+                channels=self.channels.keys(),
+                templates=self.templates,
+                sender=self.settings.smtp_from,
+                metrics=self.metrics,
+            )
+            self.dispatcher = Dispatcher(
+                self.store, self.channels, self.settings, metrics=self.metrics
+            )
+            self.server = Server(
+                self.settings, intake=self.intake, store=self.store, metrics=self.metrics
+            )
+            await self.store.open()
+            stack.push_async_callback(self.store.close)
+            await self._start_ops(stack)
+            grace = self.settings.shutdown_grace
+            await stack.enter_async_context(
+                background(
+                    "dispatcher", self.dispatcher.run(), stop=lambda: self.dispatcher.stop(grace)
+                )
+            )
+            await stack.enter_async_context(background("retention", self._prune_finished()))
+            stack.push_async_callback(self.intake.drain)
+            await self.server.start()
+            stack.push_async_callback(self.server.stop, grace)
+            self._stack = stack.pop_all()
+
+    async def _build_channels(self, stack: contextlib.AsyncExitStack) -> dict[str, Channel]:
+        """Every channel, or one ``SettingsError`` naming what each refused channel lacks."""
+        channels: dict[str, Channel] = {}
+        problems: list[str] = []
+        for name, factory in channel_factories().items():
+            try:
+                channel = factory(self.settings)
+            except SettingsError as exc:
+                problems.extend(exc.problems)
+                continue
+            stack.push_async_callback(channel.aclose)
+            channels[name] = channel
+        if problems:
+            raise SettingsError(*problems)
+        for name, channel in channels.items():
             if channel.simulated:
                 log.warning(
                     "channel %s is NOT SENDING: messages go to the outbox in %s (configure %s)",
@@ -52,44 +131,26 @@ class Service:
                     self.settings.outbox_dir.resolve(),
                     "NOTIFIER_SMTP_HOST" if name == "email" else "NOTIFIER_SMS_PROVIDER",
                 )
-        self.intake = Intake(
-            self.store,
-            channels=self.channels.keys(),
-            templates=self.templates,
-            sender=self.settings.smtp_from,
-            metrics=self.metrics,
+        return channels
+
+    async def _start_ops(self, stack: contextlib.AsyncExitStack) -> None:
+        if not self.settings.http_port:
+            return
+        app = OpsApp(self.store, self.metrics, lambda: self.server.accepting)
+        self.ops = HTTPServer(
+            app, host=self.settings.host, port=self.settings.http_port, name="ops-http"
         )
-        self.dispatcher = Dispatcher(self.store, self.channels, self.settings, metrics=self.metrics)
-        self.server = Server(
-            self.settings, intake=self.intake, store=self.store, metrics=self.metrics
-        )
-        self._dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
-        self._pruning = asyncio.create_task(self._prune_finished(), name="retention")
-        await self.server.start()
-        if self.settings.http_port:
-            app = OpsApp(self.store, self.metrics, lambda: self.server.accepting)
-            self.ops = OpsServer(app, host=self.settings.host, port=self.settings.http_port)
-            await self.ops.start()
-            log.info("operations on http://%s:%d/", self.settings.host, self.ops.port)
+        await self.ops.start()
+        stack.push_async_callback(self.ops.stop)
+        log.info("operations on http://%s:%d/", self.settings.host, self.ops.port)
 
     @property
     def port(self) -> int:
         return self.server.port
 
     async def stop(self) -> None:
-        grace = self.settings.shutdown_grace
-        if self._pruning is not None:
-            self._pruning.cancel()
-        await self.server.stop(grace)
-        await self.intake.drain()
-        await self.dispatcher.stop(grace)
-        if self._dispatching is not None:
-            await self._dispatching
-        for channel in self.channels.values():
-            await channel.aclose()
-        if self.ops is not None:
-            await self.ops.stop()
-        await self.store.close()
+        """Run the stops ``start`` registered, last started first; a second call does nothing."""
+        await self._stack.aclose()
         log.info("stopped")
 
     async def serve(self) -> None:

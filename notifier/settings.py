@@ -6,13 +6,17 @@ that no repr, log line or error message can show them.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from notifier.bounces.mailbox import MailboxConfig, parse_mailbox_url
+from notifier.store import BACKENDS, backend_for
 
 ENV_PREFIX = "NOTIFIER_"
 
@@ -20,7 +24,14 @@ SMSProviderName = Literal["ihuyi", "twilio", "webhook"]
 
 
 class SettingsError(Exception):
-    """A setting has a bad value; the message names the variable."""
+    """Settings have bad values; each problem names its variable and what would be right."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
 
 
 class Settings(BaseSettings):
@@ -166,9 +177,76 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not backend_for(value):
+            known = ", ".join(f"{scheme}://" for scheme in sorted(BACKENDS))
+            raise ValueError(f"no store serves this URL; it should start with one of {known}")
+        return value
+
+    @field_validator("templates_dir", "outbox_dir")
+    @classmethod
+    def _directory(cls, value: Path) -> Path:
+        """Missing is fine (empty, or made on first use); a file in the way is a mistake."""
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is not a directory; name a directory (or a new path)")
+        return value
+
+    @field_validator("smtp_ca_file", "tls_cert", "tls_key")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file; name an existing PEM file")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        levels = logging.getLevelNamesMapping()
+        if value.upper() not in levels:
+            raise ValueError(f"unknown level {value!r}; use one of {', '.join(levels)}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        """Half a TLS pair must not quietly serve plain TCP; a pair must load."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("CERT", "KEY") if self.tls_key is None else ("KEY", "CERT")
+            raise ValueError(
+                f"NOTIFIER_TLS_{missing}: required with NOTIFIER_TLS_{given}"
+                " (set both to serve TLS, or neither for plain TCP)"
+            )
+        try:
+            self.tls_context()
+        except OSError as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+            raise ValueError(
+                "NOTIFIER_TLS_CERT, NOTIFIER_TLS_KEY: do not load as a certificate chain and"
+                f" its private key ({reason}); give PEM files that belong together"
+            ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(
+                f"NOTIFIER_HTTP_PORT: {self.http_port} is NOTIFIER_PORT too; pick another"
+                " port, or 0 for any free one"
+            )
+        return self
+
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None and self.tls_key is not None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context, or None for plain TCP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     def concurrency_for(self, channel: str) -> int:
         return {"email": self.email_concurrency, "sms": self.sms_concurrency}.get(channel, 8)
@@ -208,8 +286,12 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
-            problems.append(f"{name}: {error['msg']}")
-        raise SettingsError("bad setting: " + "; ".join(problems)) from None
+        raise SettingsError(*(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: ErrorDetails) -> str:
+    """``NOTIFIER_NAME: what is wrong``; a rule across settings names them itself."""
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    if not error["loc"]:
+        return message
+    return ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper() + ": " + message

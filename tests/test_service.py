@@ -1,18 +1,29 @@
-"""The service as it runs in production: `python -m notifier serve` processes, signals, kill -9."""
+"""The service as it runs in production: `python -m notifier serve` processes, signals, kill -9;
+and in process, a start that fails half way and must undo what it started."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from notifier.channels.base import Channel
+from notifier.models import Message, Receipt
+from notifier.service import Service
+from notifier.settings import Settings, SettingsError
+from notifier.store import open_store
 from tests.support.http_sink import HTTPSink, Recorded, Reply
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, free_port, isolated_settings
 from tests.support.waiting import wait_for_sync
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
@@ -206,20 +217,6 @@ def test_second_process_on_the_same_sqlite_file_is_refused(tmp_path: Path) -> No
         server.stop()
 
 
-def test_bad_setting_stops_start_up_naming_the_variable(tmp_path: Path) -> None:
-    env = ServerProcess(tmp_path, NOTIFIER_RETRY_MAX_ATTEMPTS="many").env
-    result = subprocess.run(
-        [sys.executable, "-m", "notifier", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert "NOTIFIER_RETRY_MAX_ATTEMPTS" in result.stderr
-
-
 def test_serve_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "notifier", "serve", "--help"],
@@ -228,3 +225,76 @@ def test_serve_help() -> None:
         timeout=30,
     )
     assert result.returncode == 0 and "NOTIFIER_" in result.stdout
+
+
+@contextmanager
+def port_taken() -> Iterator[int]:
+    """A port on 127.0.0.1 that something else listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def assert_nothing_left(settings: Settings) -> None:
+    """The store file can be taken again (its lock was let go) and no task still runs."""
+    again = open_store(settings.database_url, settings)
+    await again.open()
+    await again.close()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_tcp_port_in_use_unwinds_what_started(tmp_path: Path) -> None:
+    with port_taken() as port:
+        settings = isolated_settings(tmp_path, port=port, http_port=free_port())
+        with pytest.raises(OSError):
+            await Service(settings).start()
+    await assert_nothing_left(settings)
+    assert can_bind(settings.http_port), "the operations listener is still open"
+
+
+async def test_ops_port_in_use_unwinds_what_started(tmp_path: Path) -> None:
+    with port_taken() as http_port:
+        settings = isolated_settings(tmp_path, port=free_port(), http_port=http_port)
+        with pytest.raises(OSError):
+            await Service(settings).start()
+    await assert_nothing_left(settings)
+    assert can_bind(settings.port), "the TCP listener is still open"
+
+
+class Recording(Channel):
+    closed = False
+
+    async def send(self, message: Message) -> Receipt:
+        raise AssertionError("never started, never sends")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def refuse(settings: Settings) -> Channel:
+    raise SettingsError("NOTIFIER_PIGEON_LOFT: required for the pigeon channel")
+
+
+async def test_a_channel_refusing_its_settings_opens_nothing_and_closes_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = Recording()
+    factories = {"recording": lambda settings: built, "pigeon": refuse, "raven": refuse}
+    monkeypatch.setattr("notifier.service.channel_factories", lambda: factories)
+    settings = isolated_settings(tmp_path)
+    with pytest.raises(SettingsError) as refused:
+        await Service(settings).start()
+    assert refused.value.problems == ("NOTIFIER_PIGEON_LOFT: required for the pigeon channel",) * 2
+    assert built.closed
+    assert not (tmp_path / "notifier.db").exists(), "the store was opened before the check"
+    await assert_nothing_left(settings)

@@ -1,4 +1,9 @@
-"""``notifier serve``: run the service on the settings from the environment and ``.env``."""
+"""``notifier serve``: run the service on the settings from the environment and ``.env``.
+
+Exit codes: 0 after a clean stop, 2 when the configuration is refused (before anything
+starts: one line per problem, each naming its variable), 1 when a part cannot start (a port
+in use, the store unreachable or locked); never a traceback for either.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "serve",
         help="run the service",
         description="Run notifier: listen for jobs, store them and deliver them. Configured by"
-        " NOTIFIER_* environment variables or a .env file (see .env.example).",
+        " NOTIFIER_* environment variables or a .env file (see .env.example). Exits 2 when"
+        " the configuration is refused, 1 when a part cannot start.",
     )
     parser.set_defaults(handler=serve)
 
@@ -38,13 +44,13 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
-    except SettingsError as exc:
-        print(f"notifier: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(format=settings.log_format, level=settings.log_level)
-    try:
+        configure_logging(format=settings.log_format, level=settings.log_level)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(Service(settings).serve())
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"notifier: {problem}", file=sys.stderr)
+        return 2
     except (StoreUnavailable, OSError) as exc:
         print(f"notifier: cannot start: {exc}", file=sys.stderr)
         return 1

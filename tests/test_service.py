@@ -247,7 +247,7 @@ def can_bind(port: int) -> bool:
 
 async def assert_nothing_left(settings: Settings) -> None:
     """The store file can be taken again (its lock was let go) and no task still runs."""
-    again = open_store(settings.database_url, settings)
+    again = open_store(settings)
     await again.open()
     await again.close()
     assert asyncio.all_tasks() == {asyncio.current_task()}

@@ -11,10 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
-from notifier.settings import Settings
+
+if TYPE_CHECKING:  # settings validate store URLs with this package's registry
+    from notifier.settings import Settings
 
 
 class StoreUnavailable(Exception):

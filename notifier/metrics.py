@@ -77,6 +77,18 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.receipts = Counter(
+            "notifier_receipts",
+            "Delivery reports taken from providers (ignored: an interim state, passed on to none).",
+            ["provider", "state"],
+            registry=r,
+        )
+        self.receipts_rejected = Counter(
+            "notifier_receipts_rejected",
+            "Requests to the receipts listener answered with an error, by reason.",
+            ["provider", "reason"],
+            registry=r,
+        )
 
     def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
         for status, count in counts.items():

@@ -1,7 +1,8 @@
-"""The operations listener: /healthz, /readyz and /metrics over HTTP for orchestrators.
+"""The operations listener (/healthz, /readyz, /metrics) and the embedded HTTP server.
 
-A small ASGI app served by uvicorn inside the service's own event loop, with uvicorn's
-signal handling left out so the service keeps its own. It takes no jobs.
+Each HTTP side of the service is a Starlette app served by uvicorn inside the service's own
+event loop, with uvicorn's signal handling left out so the service keeps its own. The
+operations app takes no jobs; ``HTTPServer`` serves it, and the receipts app on another port.
 """
 
 from __future__ import annotations
@@ -9,66 +10,64 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Any
+import socket
+from collections.abc import Callable, Iterator
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from notifier.metrics import Metrics
 from notifier.store import Store, StoreUnavailable
 
 log = logging.getLogger("notifier.ops")
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_READ_ONLY = ["GET", "HEAD"]
 
 
-class OpsApp:
+class OpsApp(Starlette):
     def __init__(self, store: Store, metrics: Metrics, accepting: Callable[[], bool]) -> None:
         self.store = store
         self.metrics = metrics
         self.accepting = accepting
+        super().__init__(
+            routes=[
+                Route("/healthz", self._health, methods=_READ_ONLY),
+                Route("/readyz", self._readiness, methods=_READ_ONLY),
+                Route("/metrics", self._metrics, methods=_READ_ONLY),
+            ],
+            exception_handlers={404: _not_found, 405: _method_not_allowed},
+        )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
-        if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, b"method not allowed\n")
-        elif path == "/healthz":
-            await _respond(send, 200, b"ok\n")
-        elif path == "/readyz":
-            status, body = await self._readiness()
-            await _respond(send, status, body)
-        elif path == "/metrics":
-            await self._metrics(send)
-        else:
-            await _respond(send, 404, b"not found: try /healthz, /readyz or /metrics\n")
+    async def _health(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
 
-    async def _readiness(self) -> tuple[int, bytes]:
+    async def _readiness(self, request: Request) -> Response:
         if not self.accepting():
-            return 503, b"not accepting work (shutting down)\n"
+            return PlainTextResponse("not accepting work (shutting down)\n", 503)
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            return 503, f"store unreachable: {exc}\n".encode()
-        return 200, b"ready\n"
+            return PlainTextResponse(f"store unreachable: {exc}\n", 503)
+        return PlainTextResponse("ready\n")
 
-    async def _metrics(self, send: Send) -> None:
+    async def _metrics(self, request: Request) -> Response:
         try:
             self.metrics.set_queue_depth(await self.store.count_by_status())
         except StoreUnavailable as exc:
             log.warning("metrics: queue depth unavailable: %s", exc)
-        await _respond(send, 200, self.metrics.render(), content_type=b"text/plain; version=0.0.4")
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, *, content_type: bytes = b"text/plain; charset=utf-8"
-) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("not found: try /healthz, /readyz or /metrics\n", 404)
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse("method not allowed\n", 405)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -79,21 +78,36 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-class OpsServer:
-    def __init__(self, app: OpsApp, *, host: str, port: int) -> None:
+class HTTPServer:
+    """Any ASGI app on host:port, in the running loop; ``port`` 0 picks a free one."""
+
+    def __init__(self, app: ASGIApp, *, host: str, port: int, name: str = "http") -> None:
         config = uvicorn.Config(
             app, host=host, port=port, lifespan="off", log_config=None, access_log=False
         )
         self._server = _EmbeddedUvicorn(config)
+        self._name = name
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Serve in the background; return once listening (or raise why it could not)."""
-        self._task = asyncio.create_task(self._server.serve(), name="ops-http")
+        """Serve in the background; return once listening (or raise why it could not).
+
+        The socket is bound here, not by uvicorn, whose answer to a port in use is
+        ``sys.exit`` from inside the task.
+        """
+        host, port = self._server.config.host, self._server.config.port
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise OSError(
+                f"the {self._name} listener cannot listen on {host}:{port}: {exc}"
+            ) from exc
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=self._name)
         while not self._server.started:
             if self._task.done():
                 self._task.result()
-                raise OSError("the operations listener stopped at start-up")
+                raise OSError(f"the {self._name} listener stopped at start-up")
             await asyncio.sleep(0.01)
 
     @property
@@ -105,3 +119,7 @@ class OpsServer:
         self._server.should_exit = True
         if self._task is not None:
             await self._task
+
+
+#: The name the service knows the operations listener's server by.
+OpsServer = HTTPServer

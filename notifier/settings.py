@@ -137,6 +137,22 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
+    # Receipts: delivery reports pushed by SMS providers (notifier/receipts.py)
+    receipts_port: int = Field(0, ge=0, le=65535)
+    receipts_public_url: str | None = None
+    receipts_max_body_bytes: int = Field(64 * 1024, ge=1024)
+    receipts_rate_limit: float = Field(50.0, ge=0)
+    receipts_rate_burst: int = Field(200, ge=1)
+
+    @field_validator("receipts_public_url", mode="before")
+    @classmethod
+    def _public_url(cls, value: object) -> object:
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, as the providers see it")
+        return value.rstrip("/")
+
     @field_validator("sms_recipient_limits", mode="before")
     @classmethod
     def _parse_limits(cls, value: object) -> object:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 from pathlib import Path
 
 import httpx
+import pytest
+from starlette.applications import Starlette
 
+from notifier.ops import HTTPServer
+from tests.support.prometheus import metric
 from tests.support.server import LineConnection, ServerProcess, free_port, running_server
 from tests.support.waiting import wait_for, wait_for_sync
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
-    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
 
 
 async def test_health_metrics_while_jobs_flow(tmp_path: Path) -> None:
@@ -53,6 +50,9 @@ async def test_health_metrics_while_jobs_flow(tmp_path: Path) -> None:
             assert metric(text, "notifier_intake_seconds_count") == 50
             assert metric(text, "notifier_accept_to_delivered_seconds_count", 'channel="sms"') == 50
             assert (await http.get("/nope")).status_code == 404
+            assert (await http.post("/healthz")).status_code == 405
+            head = await http.head("/readyz")
+            assert (head.status_code, head.content) == (200, b"")
             await conn.close()
 
 
@@ -119,3 +119,11 @@ def test_json_logs_parse_and_never_show_secrets(tmp_path: Path) -> None:
     failed = [json.loads(line) for line in log.splitlines() if '"outcome": "failed"' in line]
     assert {r["channel"] for r in failed} == {"email", "sms"}
     assert all(r["job_id"] and r["attempt"] == 2 and r["provider"] for r in failed)
+
+
+async def test_http_server_on_a_port_in_use_says_so() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        server = HTTPServer(Starlette(), host="127.0.0.1", port=port, name="receipts")
+        with pytest.raises(OSError, match=f"receipts listener cannot listen on 127.0.0.1:{port}"):
+            await server.start()

@@ -16,38 +16,26 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import tenacity
 
+from notifier.backoff import Backoff
 from notifier.batching import Batcher
 from notifier.channels.base import Channel
-from notifier.errors import DeliveryError, DeliveryTimeout, TransientDeliveryError
+from notifier.channels.mime import envelope
+from notifier.errors import DeliveryError, DeliveryTimeout, TransientDeliveryError, throttled
 from notifier.metrics import Metrics
-from notifier.models import Job, JobStatus, Outcome, Receipt, utcnow
+from notifier.models import Job, JobStatus, Message, Outcome, Receipt, utcnow
 from notifier.settings import Settings
 from notifier.store import Store, StoreUnavailable
 
 log = logging.getLogger("notifier.dispatcher")
 
-
-class Backoff:
-    """Exponential backoff with jitter (tenacity's wait strategies), capped, except that a
-    provider's Retry-After is honoured even when it is longer than the cap."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.cap = cap
-        self._wait = tenacity.wait_exponential(multiplier=base, max=cap) + tenacity.wait_random(
-            0, base
-        )
-        self._retrying = tenacity.AsyncRetrying()
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        state = tenacity.RetryCallState(self._retrying, None, (), {})
-        state.attempt_number = attempt
-        return max(min(self._wait(state), self.cap), retry_after or 0.0)
+#: How long a number is held when its provider says "too often" without saying how long.
+THROTTLE_HOLD = 60.0
 
 
 class _LaneMetrics:
@@ -73,6 +61,16 @@ class _Lane:
     metrics: _LaneMetrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    aging_share: float = 0.0
+    aging_credit: float = 0.0
+
+    def oldest_slots(self, limit: int) -> int:
+        """How many of ``limit`` slots go to the longest-waiting jobs whatever their priority:
+        ``aging_share`` of all claimed slots over time, so small claims get their turn too."""
+        self.aging_credit += limit * self.aging_share
+        slots = min(limit, int(self.aging_credit))
+        self.aging_credit -= slots
+        return slots
 
 
 class Dispatcher:
@@ -96,10 +94,14 @@ class Dispatcher:
                 channel,
                 settings.concurrency_for(name),
                 _LaneMetrics(metrics, name, channel.provider),
+                aging_share=settings.priority_aging_share,
             )
             for name, channel in channels.items()
         ]
         self._recorder: Batcher[Outcome, bool] = Batcher(self._record)
+        #: While numbers this instance saw throttled are held, SMS claims are paced even
+        #: without NOTIFIER_SMS_RECIPIENT_LIMITS.
+        self._holding_until = datetime.min.replace(tzinfo=UTC)
         self._stopping = asyncio.Event()
         self._lanes_stopped = asyncio.Event()
         self._lanes_stopped.set()
@@ -181,20 +183,51 @@ class Dispatcher:
     async def _claim(self, lane: _Lane, limit: int) -> int:
         try:
             jobs = await self.store.claim(
-                lane.name, owner=self.owner, limit=limit, lease_seconds=self.settings.lease_seconds
+                lane.name,
+                owner=self.owner,
+                limit=limit,
+                lease_seconds=self.settings.lease_seconds,
+                oldest=lane.oldest_slots(limit),
             )
         except StoreUnavailable as exc:
             log.warning("claim %s: store unavailable: %s", lane.name, exc)
             return 0
-        for job in jobs:
-            task = asyncio.create_task(self._deliver(lane, job), name=f"deliver-{job.id}")
+        try:
+            admitted = await self._paced(lane, jobs)
+            suppressed = await self._suppressed(lane, admitted)
+        except StoreUnavailable as exc:
+            log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            await asyncio.shield(self._release(*jobs))
+            return 0
+        for job in admitted:
+            task = asyncio.create_task(
+                self._deliver(lane, job, suppressed), name=f"deliver-{job.id}"
+            )
             lane.in_flight[job.id] = task
         return len(jobs)
 
-    async def _deliver(self, lane: _Lane, job: Job) -> None:
+    async def _paced(self, lane: _Lane, jobs: list[Job]) -> list[Job]:
+        """The jobs every recipient of which may get a message now; the others wait (their
+        due time moved, the attempt not counted) under NOTIFIER_SMS_RECIPIENT_LIMITS."""
+        limits = self.settings.sms_recipient_limits
+        if lane.name != "sms" or not jobs or not (limits or self._holding_until > utcnow()):
+            return jobs
+        deferred = await self.store.pace(self.owner, jobs, limits)
+        for job_id, due in deferred.items():
+            log.info("job %s: paced, a recipient is at its limit until %s", job_id, due)
+        return [job for job in jobs if job.id not in deferred]
+
+    async def _suppressed(self, lane: _Lane, jobs: list[Job]) -> dict[str, str]:
+        """Suppressed addresses among the recipients of ``jobs`` (email), with the reason."""
+        if lane.name != "email" or not jobs:
+            return {}
+        addresses = {a.lower() for job in jobs for a in envelope(job.pending_message())}
+        return await self.store.suppressed(addresses)
+
+    async def _deliver(self, lane: _Lane, job: Job, suppressed: Mapping[str, str]) -> None:
         started = time.monotonic()
         try:
-            outcome = await self._attempt(lane.channel, job)
+            outcome = await self._attempt(lane.channel, job, suppressed)
         except BaseException:
             await asyncio.shield(self._release(job))
             raise
@@ -246,22 +279,43 @@ class Dispatcher:
             },
         )
 
-    async def _attempt(self, channel: Channel, job: Job) -> Outcome:
+    async def _attempt(self, channel: Channel, job: Job, suppressed: Mapping[str, str]) -> Outcome:
+        message = job.pending_message()
+        if suppressed:
+            refused = _suppressed_recipients(message, suppressed)
+            if refused:
+                job = replace(job, results=_with_refused(job.results, refused))
+                if len(refused) == len(envelope(message)):
+                    return Outcome(
+                        job.id,
+                        JobStatus.FAILED,
+                        last_error="every recipient is suppressed (hard bounce or suppress op)",
+                        results=job.results,
+                    )
+                message = replace(message, skip=(*message.skip, *refused))
         delivered: dict[str, Any] = dict(job.results.get("delivered", {}))
         try:
+            receipt = await self._send(channel, job, message)
+        except DeliveryError as error:
+            await self._hold_throttled(error)
+            return self._failed(job, error, delivered)
+        return self._delivered(job, receipt, delivered)
+
+    async def _send(self, channel: Channel, job: Job, message: Message) -> Receipt:
+        """The channel's receipt; any failure as a DeliveryError saying whether to retry."""
+        try:
             async with asyncio.timeout(self.settings.delivery_timeout):
-                receipt = await channel.send(job.pending_message())
+                return await channel.send(message)
+        except DeliveryError:
+            raise
         except TimeoutError:
-            error: DeliveryError = DeliveryTimeout(
-                f"no answer within {self.settings.delivery_timeout:g}s"
-            )
-        except DeliveryError as exc:
-            error = exc
+            timeout = self.settings.delivery_timeout
+            raise DeliveryTimeout(f"no answer within {timeout:g}s") from None
         except Exception as exc:
             log.exception("job %s: channel %s raised unexpectedly", job.id, job.channel)
-            error = TransientDeliveryError(f"internal error in channel: {exc!r}")
-        else:
-            return self._delivered(job, receipt, delivered)
+            raise TransientDeliveryError(f"internal error in channel: {exc!r}") from exc
+
+    def _failed(self, job: Job, error: DeliveryError, delivered: dict[str, Any]) -> Outcome:
         delivered.update(error.delivered)
         results = {**job.results, "delivered": delivered} if delivered else job.results
         if error.providers:
@@ -281,6 +335,21 @@ class Dispatcher:
             reason = error.message
         return Outcome(job.id, JobStatus.FAILED, last_error=reason, results=results)
 
+    async def _hold_throttled(self, error: DeliveryError) -> None:
+        """A provider's "too often" for a number holds every job to it, not only this one."""
+        waits = throttled(error)
+        if not waits:
+            return
+        now = utcnow()
+        holds = {
+            number: now + timedelta(seconds=wait or THROTTLE_HOLD) for number, wait in waits.items()
+        }
+        self._holding_until = max(self._holding_until, *holds.values())
+        try:
+            await self.store.hold_recipients(holds)
+        except StoreUnavailable as exc:
+            log.warning("could not hold %d throttled numbers: %s", len(holds), exc)
+
     @staticmethod
     def _delivered(job: Job, receipt: Receipt, delivered: dict[str, Any]) -> Outcome:
         delivered.update(receipt.provider_ids)
@@ -288,7 +357,7 @@ class Dispatcher:
         if receipt.provider_message_id is not None:
             results["provider_message_id"] = receipt.provider_message_id
         if receipt.refused:
-            results["refused"] = {**job.results.get("refused", {}), **receipt.refused}
+            results = _with_refused(results, receipt.refused)
         if receipt.providers:
             results["providers"] = {**job.results.get("providers", {}), **receipt.providers}
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
@@ -311,11 +380,11 @@ class Dispatcher:
                 )
         return applied
 
-    async def _release(self, job: Job) -> None:
+    async def _release(self, *jobs: Job) -> None:
         try:
-            await self.store.release(self.owner, [job.id])
+            await self.store.release(self.owner, [job.id for job in jobs])
         except StoreUnavailable as exc:
-            log.warning("job %s: could not release (%s); recovered at next start", job.id, exc)
+            log.warning("%d jobs: could not release (%s); recovered later", len(jobs), exc)
 
     async def _keep_leases(self) -> None:
         """Extend the leases of slow deliveries so no other instance takes them over."""
@@ -330,3 +399,16 @@ class Dispatcher:
                         await self.store.extend_leases(self.owner, ids, self.settings.lease_seconds)
                     except StoreUnavailable as exc:
                         log.warning("extending leases: store unavailable: %s", exc)
+
+
+def _suppressed_recipients(message: Message, suppressed: Mapping[str, str]) -> dict[str, str]:
+    """The message's pending recipients (as the job spells them) that are suppressed."""
+    return {
+        recipient: f"suppressed: {suppressed[address.lower()]}"
+        for address, recipient in envelope(message).items()
+        if address.lower() in suppressed
+    }
+
+
+def _with_refused(results: dict[str, Any], refused: Mapping[str, str]) -> dict[str, Any]:
+    return {**results, "refused": {**results.get("refused", {}), **refused}}

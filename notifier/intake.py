@@ -9,6 +9,7 @@ together (group commit, see ``batching``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from notifier.channels.mime import new_message_id
 from notifier.channels.sms.segments import count_segments
 from notifier.errors import InvalidRequest, UnknownChannel
 from notifier.metrics import Metrics
-from notifier.models import Enqueued, Message, NewJob
+from notifier.models import Enqueued, Message, NewJob, bare_address
 from notifier.protocol import SendRequest, check_header_value, check_mailbox, check_phone
 from notifier.store import Store
 from notifier.templates import Rendered, Templates
@@ -31,6 +32,15 @@ _NOTHING_RENDERED = Rendered()
 def new_job_id() -> str:
     """128 random bits as 32 hex digits; not a secret, so the fast generator will do."""
     return f"{random.getrandbits(128):032x}"
+
+
+def collapse(message: Message, key: str) -> str:
+    """One value for a channel, a collapse key and a set of recipients, in whatever order
+    or spelling of display names they came."""
+    everyone = (*message.to, *message.cc, *message.bcc)
+    recipients = sorted({bare_address(r) if "@" in r else r for r in everyone})
+    digest = hashlib.sha256("\0".join([message.channel, key, *recipients]).encode())
+    return digest.hexdigest()
 
 
 def _unique(values: Sequence[str]) -> tuple[str, ...]:
@@ -51,11 +61,13 @@ class Intake:
         sender: str,
         metrics: Metrics,
         checks: Mapping[str, Callable[[Message], None]] | None = None,
+        callback_url: str | None = None,
         max_batch: int = 1000,
     ) -> None:
         """``checks`` maps a channel to what refuses a message its provider would not take
         (``SMSChannel.check``), raising ``InvalidRequest``."""
         self.store = store
+        self.callback_url = callback_url
         self.channels = channels
         self.checks = dict(checks or {})
         self.templates = templates
@@ -108,6 +120,11 @@ class Intake:
             message=message,
             idempotency_key=request.idempotency_key,
             run_at=request.send_at,
+            priority=request.priority,
+            collapse=None
+            if request.collapse_key is None
+            else collapse(message, request.collapse_key),
+            callback_url=request.callback_url or self.callback_url,
         )
 
     def _email(self, job_id: str, request: SendRequest, rendered: Rendered) -> Message:

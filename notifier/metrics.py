@@ -72,6 +72,12 @@ class Metrics:
         self.open_connections = Gauge(
             "notifier_open_connections", "Open protocol connections.", registry=r
         )
+        self.callbacks = Counter(
+            "notifier_callbacks",
+            "Callback POSTs by outcome: sent, retried, failed (given up).",
+            ["outcome"],
+            registry=r,
+        )
         self.rejected = Counter(
             "notifier_requests_rejected",
             "Requests answered with an error, by code.",

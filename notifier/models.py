@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class JobStatus(StrEnum):
@@ -26,6 +27,46 @@ class JobStatus(StrEnum):
 
 
 FINAL_STATUSES = frozenset({JobStatus.DELIVERED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Priority(StrEnum):
+    """Claimed in this order within a channel; stored as ``rank`` so an index can order it."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
+
+    @classmethod
+    def of_rank(cls, rank: int) -> Priority:
+        return _BY_RANK[rank]
+
+
+_RANKS = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+_BY_RANK = {rank: priority for priority, rank in _RANKS.items()}
+
+
+class CallbackState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class ReceiptState(StrEnum):
+    """What became of a message after the provider accepted it."""
+
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    BOUNCED = "bounced"
+
+
+def bare_address(mailbox: str) -> str:
+    """The address of ``Name <addr>`` alone, lower-cased: how suppressions and bounces
+    name an email recipient, whatever display name or case the job gave it."""
+    return parseaddr(mailbox)[1].lower()
 
 
 def utcnow() -> datetime:
@@ -112,6 +153,10 @@ class NewJob:
     message: Message
     idempotency_key: str | None = None
     run_at: datetime | None = None
+    priority: Priority = Priority.NORMAL
+    #: Jobs with the same value supersede each other (channel, collapse_key and recipients).
+    collapse: str | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +180,11 @@ class Job:
     last_error: str | None = None
     idempotency_key: str | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    superseded_by: str | None = None
+    receipts: dict[str, Any] = field(default_factory=dict)
+    #: The state of the job's latest callback event, while a callback is configured.
+    callback: dict[str, Any] | None = None
 
     def pending_message(self) -> Message:
         """The message, marked with the recipients an earlier attempt already served."""
@@ -156,6 +206,13 @@ class Job:
             answer["results"] = self.results
         if "segments" in self.message.extra:
             answer["segments"] = self.message.extra["segments"]
+        answer["priority"] = self.priority.value
+        if self.superseded_by is not None:
+            answer["superseded_by"] = self.superseded_by
+        if self.receipts:
+            answer["receipts"] = self.receipts
+        if self.callback is not None:
+            answer["callback"] = self.callback
         return answer
 
 
@@ -172,3 +229,56 @@ class Outcome:
     last_error: str | None = None
     run_at: datetime | None = None
     results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A callback event as claimed from the store's outbox, with its job as it now stands."""
+
+    id: str
+    type: str
+    url: str
+    created_at: datetime
+    attempts: int
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class EventOutcome:
+    """The result of one POST of an event: PENDING again (with ``run_at``), SENT or FAILED."""
+
+    event_id: str
+    state: CallbackState
+    last_error: str | None = None
+    run_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptReport:
+    """A provider's word on one recipient after it accepted the message (a DLR or a bounce).
+
+    ``reference`` finds the job: a provider message id (``by="provider_id"``), the job id
+    (``"job_id"``: the webhook gateway and email bounces, by Message-ID). ``recipient`` is as
+    the provider spells it; the store matches it to the job's spelling.
+    """
+
+    reference: str
+    by: Literal["provider_id", "job_id"]
+    recipient: str | None
+    state: ReceiptState
+    reason: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    address: str
+    reason: str
+    created_at: datetime
+
+    def to_answer(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "reason": self.reason,
+            "created_at": isoformat(self.created_at),
+        }

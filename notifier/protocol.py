@@ -25,7 +25,8 @@ from pydantic import (
 )
 
 from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownOp
-from notifier.models import JobStatus, utcnow
+from notifier.models import JobStatus, Priority, utcnow
+from notifier.settings import HttpUrlText
 
 PROTOCOL_VERSION = 1
 OPS = ("send", "status", "cancel", "ping", "auth", "jobs", "retry", "purge")
@@ -71,6 +72,9 @@ class SendRequest(_Request):
     reply_to: Recipients = Field(default_factory=list)
     idempotency_key: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
     send_at: datetime | None = None
+    priority: Priority = Priority.NORMAL
+    collapse_key: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    callback_url: HttpUrlText | None = None
 
     @field_validator("send_at")
     @classmethod

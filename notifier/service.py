@@ -24,13 +24,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+from notifier.bounces import Bounce, BounceReader
+from notifier.callbacks import Callbacks
 from notifier.channels import Channel
+from notifier.channels.mime import job_id_of
 from notifier.channels.registry import channel_factories
+from notifier.channels.sms.base import ProviderConfig
 from notifier.dispatcher import Dispatcher
 from notifier.intake import Intake
 from notifier.metrics import Metrics
-from notifier.models import utcnow
+from notifier.models import ReceiptReport, ReceiptState, utcnow
 from notifier.ops import HTTPServer, OpsApp
+from notifier.receipts import DeliveryReport, ReceiptsApp
 from notifier.server import Server
 from notifier.settings import Settings, SettingsError
 from notifier.store import Store, StoreUnavailable, open_store
@@ -87,9 +92,14 @@ class Service:
                 templates=self.templates,
                 sender=self.settings.smtp_from,
                 metrics=self.metrics,
+                checks={name: channel.check for name, channel in self.channels.items()},
+                callback_url=self.settings.callback_url,
             )
             self.dispatcher = Dispatcher(
                 self.store, self.channels, self.settings, metrics=self.metrics
+            )
+            self.callbacks = Callbacks(
+                self.store, self.settings, metrics=self.metrics, owner=self.dispatcher.owner
             )
             self.server = Server(
                 self.settings, intake=self.intake, store=self.store, metrics=self.metrics
@@ -103,7 +113,14 @@ class Service:
                     "dispatcher", self.dispatcher.run(), stop=lambda: self.dispatcher.stop(grace)
                 )
             )
+            await stack.enter_async_context(
+                background(
+                    "callbacks", self.callbacks.run(), stop=lambda: self.callbacks.stop(grace)
+                )
+            )
             await stack.enter_async_context(background("retention", self._prune_finished()))
+            await self._start_bounces(stack)
+            await self._start_receipts(stack)
             stack.push_async_callback(self.intake.drain)
             await self.server.start()
             stack.push_async_callback(self.server.stop, grace)
@@ -120,6 +137,7 @@ class Service:
                 problems.extend(exc.problems)
                 continue
             stack.push_async_callback(channel.aclose)
+            self.metrics.track_circuits(channel.circuits)
             channels[name] = channel
         if problems:
             raise SettingsError(*problems)
@@ -143,6 +161,73 @@ class Service:
         await self.ops.start()
         stack.push_async_callback(self.ops.stop)
         log.info("operations on http://%s:%d/", self.settings.host, self.ops.port)
+
+    async def _start_receipts(self, stack: contextlib.AsyncExitStack) -> None:
+        """The listener providers push delivery reports to, apart from the ops port."""
+        if not self.settings.receipts_port:
+            return
+        settings = self.settings
+        app = ReceiptsApp(
+            self._record_reports,
+            self.metrics,
+            public_url=settings.receipts_public_url,
+            twilio_auth_token=ProviderConfig.of(settings, "twilio").api_key,
+            webhook_key=ProviderConfig.of(settings, "webhook").api_key,
+            max_body_bytes=settings.receipts_max_body_bytes,
+            rate_limit=settings.receipts_rate_limit,
+            rate_burst=settings.receipts_rate_burst,
+        )
+        self.receipts = HTTPServer(
+            app, host=settings.host, port=settings.receipts_port, name="receipts-http"
+        )
+        await self.receipts.start()
+        stack.push_async_callback(self.receipts.stop)
+        log.info("receipts on http://%s:%d/receipts/", settings.host, self.receipts.port)
+
+    async def _record_reports(self, reports: list[DeliveryReport]) -> None:
+        """Providers' reports into the store; raising makes the provider send them again."""
+        matched = await self.store.record_receipts(
+            [
+                ReceiptReport(r.reference, r.by, r.recipient, ReceiptState(r.state), r.reason, r.at)
+                for r in reports
+            ]
+        )
+        for report, found in zip(reports, matched, strict=True):
+            if not found:
+                log.info(
+                    "receipt from %s for %s %s matches no sent message yet; kept for it",
+                    report.provider,
+                    report.by,
+                    report.reference,
+                )
+
+    async def _start_bounces(self, stack: contextlib.AsyncExitStack) -> None:
+        mailbox = self.settings.bounce_mailbox_config()
+        if mailbox is None:
+            return
+        reader = BounceReader(
+            mailbox,
+            self._record_bounces,
+            interval=self.settings.bounce_poll_interval,
+            exclusive=lambda: self.store.exclusive("bounces"),
+        )
+        await stack.enter_async_context(reader.running())
+
+    async def _record_bounces(self, bounces: list[Bounce]) -> None:
+        now = utcnow()
+        await self.store.record_receipts(
+            [
+                ReceiptReport(
+                    job_id_of(b.message_id),
+                    "job_id",
+                    b.recipient,
+                    ReceiptState.BOUNCED,
+                    b.reason,
+                    now,
+                )
+                for b in bounces
+            ]
+        )
 
     @property
     def port(self) -> int:

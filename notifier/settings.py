@@ -7,11 +7,21 @@ that no repr, log line or error message can show them.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -32,6 +42,42 @@ class SettingsError(Exception):
 
     def __str__(self) -> str:
         return "; ".join(self.problems)
+
+
+def _http_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+#: A URL kept as the text given (pydantic's HttpUrl would normalise it, e.g. add a slash).
+HttpUrlText = Annotated[str, AfterValidator(_http_url)]
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_LIMIT = re.compile(r"^(\d+)/(\d*)([smhd])$")
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientLimit:
+    """At most ``count`` sends to one number in any window of ``seconds``."""
+
+    count: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.seconds:g}s"
+
+
+def parse_recipient_limits(value: str) -> tuple[RecipientLimit, ...]:
+    """``"1/1s,5/1h"``: N per window, windows in s, m, h or d."""
+    limits = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        match = _LIMIT.match(part)
+        if match is None or int(match[1]) < 1:
+            raise ValueError(f"{part!r} is not N/window such as 1/1s, 5/1h or 20/1d")
+        length = int(match[2] or 1) * _WINDOW_UNITS[match[3]]
+        limits.append(RecipientLimit(int(match[1]), float(length)))
+    return tuple(limits)
 
 
 class Settings(BaseSettings):
@@ -111,6 +157,19 @@ class Settings(BaseSettings):
     circuit_failures: int = Field(5, ge=1)
     circuit_open_seconds: float = Field(30.0, gt=0)
 
+    # Callbacks (job events POSTed to the app)
+    callback_url: HttpUrlText | None = None
+    callback_secret: SecretStr | None = None
+    callback_max_attempts: int = Field(10, ge=1)
+    callback_timeout: float = Field(10.0, gt=0)
+    callback_concurrency: int = Field(8, ge=1)
+
+    # Traffic control
+    #: The share of each claim that goes to the longest-waiting due jobs whatever their
+    #: priority, so a stream of high work never starves low work (0 = strict priority).
+    priority_aging_share: float = Field(0.125, ge=0, le=1)
+    sms_recipient_limits: Annotated[tuple[RecipientLimit, ...], NoDecode] = ()
+
     # Logs
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
@@ -130,6 +189,11 @@ class Settings(BaseSettings):
         if not isinstance(value, str) or not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL, as the providers see it")
         return value.rstrip("/")
+
+    @field_validator("sms_recipient_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: object) -> object:
+        return parse_recipient_limits(value) if isinstance(value, str) else value
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -171,6 +235,8 @@ class Settings(BaseSettings):
         "sms_webhook_account",
         "sms_webhook_api_key",
         "sms_webhook_from",
+        "callback_url",
+        "callback_secret",
         mode="before",
     )
     @classmethod

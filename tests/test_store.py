@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,20 @@ import pytest
 
 from notifier.models import (
     FINAL_STATUSES,
+    CallbackState,
     Enqueued,
+    EventOutcome,
     Job,
     JobStatus,
     Message,
     NewJob,
     Outcome,
+    Priority,
+    ReceiptReport,
+    ReceiptState,
     utcnow,
 )
-from notifier.settings import Settings
+from notifier.settings import RecipientLimit, Settings
 from notifier.store import Store, open_store, sql
 from tests.support.server import isolated_settings
 
@@ -63,7 +69,8 @@ def new_job(
     channel: str = "sms", *, key: str | None = None, delay: float | None = None, **fields: Any
 ) -> NewJob:
     job_id = uuid.uuid4().hex
-    message = Message(id=job_id, channel=channel, to=("+14155550101",), text="hi", **fields)
+    fields.setdefault("to", ("+14155550101",))
+    message = Message(id=job_id, channel=channel, text="hi", **fields)
     run_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
     return NewJob(message=message, idempotency_key=key, run_at=run_at)
 
@@ -472,3 +479,313 @@ async def test_purge_deletes_only_finished_jobs_changed_before_the_cutoff(store:
     assert all([await store.get(job_id) for job_id in kept])
     counts = await store.count_by_status()
     assert sum(counts.values()) == len(kept)
+
+
+# -- version 1.1: priorities -------------------------------------------------------------------
+
+
+def with_(job: NewJob, **fields: Any) -> NewJob:
+    """``job`` with NewJob-level fields (priority, collapse, callback_url) set."""
+    return replace(job, **fields)
+
+
+async def test_claim_takes_high_before_normal_before_low_each_by_due_time(store: Store) -> None:
+    low, normal_late, high, normal_early = await add(
+        store,
+        with_(new_job(delay=-4), priority=Priority.LOW),
+        with_(new_job(delay=-1), priority=Priority.NORMAL),
+        with_(new_job(delay=-2), priority=Priority.HIGH),
+        with_(new_job(delay=-3), priority=Priority.NORMAL),
+    )
+    order = []
+    for _ in range(4):
+        order.append((await claim(store, limit=1)).id)
+    assert order == [high, normal_early, normal_late, low]
+    job = await store.get(high)
+    assert job is not None and job.priority is Priority.HIGH
+    assert job.to_status()["priority"] == "high"
+
+
+async def test_claim_gives_oldest_slots_to_the_longest_waiting_whatever_their_priority(
+    store: Store,
+) -> None:
+    (old_low,) = await add(store, with_(new_job(delay=-60), priority=Priority.LOW))
+    highs = await add(store, *(with_(new_job(delay=-1), priority=Priority.HIGH) for _ in range(3)))
+    claimed = await store.claim("sms", owner="me", limit=2, lease_seconds=LONG, oldest=1)
+    assert {job.id for job in claimed} == {old_low, highs[0]}
+
+
+# -- collapsing --------------------------------------------------------------------------------
+
+
+async def test_a_newer_job_with_the_same_collapse_value_supersedes_waiting_ones(
+    store: Store,
+) -> None:
+    first, other_key = await add(
+        store, with_(new_job(), collapse="c1"), with_(new_job(), collapse="c2")
+    )
+    (second,) = await add(store, with_(new_job(), collapse="c1"))
+    (third,) = await add(store, with_(new_job(), collapse="c1"))
+    for older, newer in ((first, second), (second, third)):
+        job = await store.get(older)
+        assert job is not None
+        assert (job.status, job.superseded_by) == (JobStatus.CANCELLED, newer)
+        assert job.to_status()["superseded_by"] == newer
+    assert await status(store, other_key) is JobStatus.QUEUED
+    assert await status(store, third) is JobStatus.QUEUED
+
+
+async def test_the_later_of_two_in_one_batch_supersedes_the_earlier(store: Store) -> None:
+    earlier, later = await add(
+        store, with_(new_job(), collapse="c"), with_(new_job(), collapse="c")
+    )
+    job = await store.get(earlier)
+    assert job is not None
+    assert (job.status, job.superseded_by) == (JobStatus.CANCELLED, later)
+    assert await status(store, later) is JobStatus.QUEUED
+    counts = await store.count_by_status()
+    assert (counts[JobStatus.CANCELLED], counts[JobStatus.QUEUED]) == (1, 1)
+
+
+async def test_collapsing_skips_a_job_already_being_sent(store: Store) -> None:
+    (first,) = await add(store, with_(new_job(), collapse="c"))
+    await claim(store)
+    (second,) = await add(store, with_(new_job(), collapse="c"))
+    assert await status(store, first) is JobStatus.SENDING
+    assert await status(store, second) is JobStatus.QUEUED
+
+
+async def test_an_idempotent_repeat_does_not_collapse(store: Store) -> None:
+    (first,) = await add(store, with_(new_job(key="k"), collapse="c"))
+    assert await store.enqueue([with_(new_job(key="k"), collapse="c")]) == [
+        Enqueued(first, duplicate=True)
+    ]
+    assert await status(store, first) is JobStatus.QUEUED
+
+
+# -- callbacks (the events outbox) -------------------------------------------------------------
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+async def finish(store: Store, job_id: str, state: JobStatus = JobStatus.DELIVERED) -> None:
+    job = await claim(store, limit=1)
+    assert job.id == job_id
+    results = {"delivered": {"+14155550101": "SM-" + job_id}}
+    await store.record("me", [Outcome(job_id, state, results=results)])
+
+
+async def test_a_final_status_writes_one_pending_event(store: Store) -> None:
+    (job_id,) = await add(store, with_(new_job(), callback_url=HOOK))
+    (plain,) = await add(store, new_job(delay=60))
+    await finish(store, job_id)
+    (event,) = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    assert (event.type, event.url, event.attempts, event.job.id) == ("job.final", HOOK, 1, job_id)
+    assert event.job.status is JobStatus.DELIVERED
+    assert await store.claim_events(owner="other", limit=10, lease_seconds=LONG) == []
+    job = await store.get(job_id)
+    assert job is not None and job.callback == {
+        "state": "pending",
+        "attempts": 1,
+        "last_error": None,
+    }
+    plain_job = await store.get(plain)
+    assert plain_job is not None and plain_job.callback is None
+
+
+async def test_event_outcomes_sent_retry_and_given_up(store: Store) -> None:
+    ids = await add(store, *(with_(new_job(delay=-3 + i), callback_url=HOOK) for i in range(3)))
+    for job_id in ids:
+        await finish(store, job_id)
+    events = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    by_job = {event.job.id: event for event in events}
+    sent, again, given_up = (by_job[i] for i in ids)
+    past = utcnow() - timedelta(seconds=1)
+    await store.record_events(
+        "me",
+        [
+            EventOutcome(sent.id, CallbackState.SENT),
+            EventOutcome(again.id, CallbackState.PENDING, last_error="HTTP 500", run_at=past),
+            EventOutcome(given_up.id, CallbackState.FAILED, last_error="HTTP 404"),
+        ],
+    )
+    (retried,) = await store.claim_events(owner="other", limit=10, lease_seconds=LONG)
+    assert (retried.id, retried.attempts) == (again.id, 2), "the same event_id, once more"
+    states = {}
+    for job_id in ids:
+        job = await store.get(job_id)
+        assert job is not None and job.callback is not None
+        states[job_id] = (job.callback["state"], job.callback["last_error"])
+    assert states == {
+        ids[0]: ("sent", None),
+        ids[1]: ("pending", "HTTP 500"),
+        ids[2]: ("failed", "HTTP 404"),
+    }
+
+
+async def test_cancelled_and_failed_are_final_too_and_retry_adds_no_second_final(
+    store: Store,
+) -> None:
+    cancelled, failed = await add(
+        store,
+        with_(new_job(delay=60), callback_url=HOOK),
+        with_(new_job(), callback_url=HOOK),
+    )
+    await store.cancel(cancelled)
+    await finish(store, failed, JobStatus.FAILED)
+    await store.retry(job_ids=[failed], since=None)
+    await finish(store, failed, JobStatus.DELIVERED)
+    events = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    assert sorted((e.job.id, e.type) for e in events) == sorted(
+        [(cancelled, "job.final"), (failed, "job.final")]
+    )
+
+
+async def test_an_expired_event_lease_is_claimed_again(store: Store) -> None:
+    (job_id,) = await add(store, with_(new_job(), callback_url=HOOK))
+    await finish(store, job_id)
+    (first,) = await store.claim_events(owner="me", limit=10, lease_seconds=EXPIRED)
+    (again,) = await store.claim_events(owner="other", limit=10, lease_seconds=LONG)
+    assert again.id == first.id
+
+
+# -- receipts ----------------------------------------------------------------------------------
+
+
+def report(reference: str, state: ReceiptState, **fields: Any) -> ReceiptReport:
+    values: dict[str, Any] = {"by": "provider_id", "recipient": None, "reason": None}
+    values.update(fields)
+    return ReceiptReport(reference=reference, state=state, at=utcnow(), **values)
+
+
+async def test_a_receipt_by_provider_id_is_recorded_per_recipient(store: Store) -> None:
+    (job_id,) = await add(store, with_(new_job(), callback_url=HOOK))
+    await finish(store, job_id)
+    matched = await store.record_receipts(
+        [
+            report("SM-" + job_id, ReceiptState.UNDELIVERED, reason="30003"),
+            report("nope", ReceiptState.DELIVERED),
+        ]
+    )
+    assert matched == [True, False]
+    job = await store.get(job_id)
+    assert job is not None
+    receipt = job.receipts["+14155550101"]
+    assert (receipt["state"], receipt["reason"]) == ("undelivered", "30003")
+    events = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    assert sorted(e.type for e in events) == ["job.final", "job.receipt"]
+
+
+async def test_a_duplicate_receipt_changes_nothing(store: Store) -> None:
+    (job_id,) = await add(store, with_(new_job(), callback_url=HOOK))
+    await finish(store, job_id)
+    for _ in range(3):
+        await store.record_receipts([report("SM-" + job_id, ReceiptState.DELIVERED)])
+    events = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    assert sorted(e.type for e in events) == ["job.final", "job.receipt"]
+
+
+async def test_a_receipt_before_the_delivery_is_recorded_is_applied_then(store: Store) -> None:
+    (job_id,) = await add(store)
+    assert await store.record_receipts([report("SM-" + job_id, ReceiptState.DELIVERED)]) == [False]
+    await finish(store, job_id)
+    job = await store.get(job_id)
+    assert job is not None and job.receipts["+14155550101"]["state"] == "delivered"
+
+
+async def test_a_receipt_by_job_id_matches_the_recipient_as_the_job_spells_it(store: Store) -> None:
+    job = new_job("email", to=("张三 <Zhang.San@example.com>", "b@example.com"))
+    (job_id,) = await add(store, job)
+    (claimed,) = await store.claim("email", owner="me", limit=1, lease_seconds=LONG)
+    await store.record("me", [Outcome(claimed.id, JobStatus.DELIVERED)])
+    bounce = report(
+        job_id,
+        ReceiptState.BOUNCED,
+        by="job_id",
+        recipient="zhang.san@example.com",
+        reason="5.1.1 no such user",
+    )
+    assert await store.record_receipts(
+        [bounce, report("nope", ReceiptState.BOUNCED, by="job_id", recipient="x@example.com")]
+    ) == [True, False]
+    stored = await store.get(job_id)
+    assert stored is not None
+    assert stored.receipts["张三 <Zhang.San@example.com>"]["state"] == "bounced"
+    assert await store.suppressed({"zhang.san@example.com", "b@example.com"}) == {
+        "zhang.san@example.com": "5.1.1 no such user"
+    }
+
+
+async def test_a_soft_bounce_does_not_suppress(store: Store) -> None:
+    (job_id,) = await add(store, new_job("email", to=("a@example.com",)))
+    bounce = report(
+        job_id,
+        ReceiptState.BOUNCED,
+        by="job_id",
+        recipient="a@example.com",
+        reason="4.2.2 mailbox full",
+    )
+    assert await store.record_receipts([bounce]) == [True]
+    assert await store.suppressed({"a@example.com"}) == {}
+
+
+# -- suppression -------------------------------------------------------------------------------
+
+
+async def test_suppress_list_and_unsuppress(store: Store) -> None:
+    await store.suppress("a@example.com", "complained")
+    await store.suppress("a@example.com", "again")
+    await store.suppress("b@example.com", "bounced")
+    listed = await store.list_suppressions()
+    assert [(s.address, s.reason) for s in listed] == [
+        ("a@example.com", "complained"),
+        ("b@example.com", "bounced"),
+    ]
+    assert await store.unsuppress("a@example.com") is True
+    assert await store.unsuppress("a@example.com") is False
+    assert await store.suppressed({"a@example.com", "b@example.com"}) == {
+        "b@example.com": "bounced"
+    }
+
+
+# -- pacing ------------------------------------------------------------------------------------
+
+PER_HOUR = (RecipientLimit(2, 3600.0),)
+
+
+async def test_pace_admits_up_to_the_limit_and_defers_the_rest_without_an_attempt(
+    store: Store,
+) -> None:
+    ids = await add(store, *(new_job(delay=-3 + i) for i in range(3)))
+    jobs = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
+    deferred = await store.pace("me", jobs, PER_HOUR)
+    assert list(deferred) == [ids[2]]
+    waiting = await store.get(ids[2])
+    assert waiting is not None
+    assert waiting.status is JobStatus.QUEUED and waiting.attempts == 0
+    assert waiting.run_at > utcnow() + timedelta(minutes=59)
+    assert await status(store, ids[0]) is JobStatus.SENDING
+
+
+async def test_pace_counts_sends_across_claims_and_other_recipients_pass(store: Store) -> None:
+    await add(store, new_job(delay=-2), new_job(delay=-1))
+    assert (
+        await store.pace(
+            "me", await store.claim("sms", owner="me", limit=10, lease_seconds=LONG), PER_HOUR
+        )
+        == {}
+    )
+    other = new_job(to=("+14155550102",))
+    (same,) = await add(store, new_job())
+    await add(store, other)
+    jobs = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
+    assert list(await store.pace("me", jobs, PER_HOUR)) == [same]
+
+
+async def test_a_hold_defers_every_job_to_that_number(store: Store) -> None:
+    until = utcnow() + timedelta(minutes=5)
+    await store.hold_recipients({"+14155550101": until})
+    (job_id,) = await add(store)
+    jobs = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
+    deferred = await store.pace("me", jobs, PER_HOUR)
+    assert abs((deferred[job_id] - until).total_seconds()) < 1

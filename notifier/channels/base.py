@@ -8,7 +8,9 @@ whether trying again can help; the dispatcher does the rest.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
+from notifier.channels.circuit import CircuitBreaker
 from notifier.models import Message, Receipt
 
 
@@ -25,3 +27,12 @@ class Channel(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most channels hold nothing
         """Close pooled connections; called once at shutdown."""
+
+    def check(self, message: Message) -> None:  # noqa: B027 - optional hook
+        """Refuse at intake, raising ``InvalidRequest`` naming the field, what the provider
+        would refuse later (an SMS longer than it takes): the sender hears it at once."""
+
+    @property
+    def circuits(self) -> Sequence[CircuitBreaker]:
+        """The circuit breakers of the providers behind the channel, shown in metrics."""
+        return ()

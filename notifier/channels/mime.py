@@ -51,6 +51,11 @@ def new_message_id(job_id: str, sender: str) -> str:
     return f"<{job_id}@{parse_mailbox(sender).domain or 'localhost'}>"
 
 
+def job_id_of(message_id: str) -> str:
+    """The job a ``Message-ID`` of ``new_message_id`` names (a bounce quotes it)."""
+    return message_id.strip().strip("<>").partition("@")[0]
+
+
 def build_email(message: Message, sender: str) -> EmailMessage:
     """The message as sent; ``bytes()`` of it is the DATA payload (see the module doc)."""
     mail = EmailMessage(policy=POLICY)

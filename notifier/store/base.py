@@ -9,14 +9,25 @@ still holds, so an instance whose lease was taken over can never record twice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Self
 
-from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
+from notifier.models import (
+    Enqueued,
+    Event,
+    EventOutcome,
+    Job,
+    JobStatus,
+    NewJob,
+    Outcome,
+    ReceiptReport,
+    Suppression,
+)
 
 if TYPE_CHECKING:  # settings validate store URLs with this package's registry
-    from notifier.settings import Settings
+    from notifier.settings import RecipientLimit, Settings
 
 
 class StoreUnavailable(Exception):
@@ -46,6 +57,12 @@ class Store(ABC):
         tests and tools can run several side by side. A URL it cannot use is a ValueError.
         """
 
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """Whether this instance alone may do ``name`` (read the bounce mailbox) for the block;
+        an embedded store has one instance, so always."""
+        yield True
+
     def on_work(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
@@ -74,9 +91,13 @@ class Store(ABC):
 
     @abstractmethod
     async def claim(
-        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
-        """Take up to ``limit`` due jobs of ``channel``: status ``sending``, attempts + 1."""
+        """Take up to ``limit`` due jobs of ``channel``: status ``sending``, attempts + 1.
+
+        ``oldest`` of them are the longest-waiting due jobs; the rest go in priority order
+        (high, normal, low), each priority by due time.
+        """
 
     @abstractmethod
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
@@ -127,3 +148,59 @@ class Store(ABC):
     @abstractmethod
     async def purge(self, *, before: datetime) -> int:
         """Delete finished jobs last changed before ``before``; returns how many."""
+
+    # -- traffic control ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def pace(
+        self, owner: str, jobs: Sequence[Job], limits: Sequence[RecipientLimit]
+    ) -> dict[str, datetime]:
+        """Admit claimed jobs whose every pending recipient is under each limit and not held,
+        counting their sends; give the others back to the queue, due when their recipients
+        may get a message again, their attempt not counted. Returns the deferred ids with
+        their new due time. Race-free across instances sharing the store."""
+
+    @abstractmethod
+    async def hold_recipients(self, holds: Mapping[str, datetime]) -> None:
+        """No job to these recipients is admitted by ``pace`` before the given time (a
+        provider answered "too often")."""
+
+    # -- suppression -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def suppressed(self, addresses: Collection[str]) -> dict[str, str]:
+        """Those of ``addresses`` (bare, lower case) that are suppressed, with the reason."""
+
+    @abstractmethod
+    async def suppress(self, address: str, reason: str) -> None:
+        """Suppress ``address`` (bare, lower case); an existing entry keeps its first reason."""
+
+    @abstractmethod
+    async def unsuppress(self, address: str) -> bool:
+        """Lift the suppression; False if there was none."""
+
+    @abstractmethod
+    async def list_suppressions(self) -> list[Suppression]: ...
+
+    # -- callbacks and receipts --------------------------------------------------------------
+
+    @abstractmethod
+    async def claim_events(self, *, owner: str, limit: int, lease_seconds: float) -> list[Event]:
+        """Take up to ``limit`` due callback events under a lease, oldest first.
+
+        Events are written by the store itself, in the transaction that finishes a job (one
+        ``job.final`` per job with a callback URL) or changes a recipient's receipt
+        (``job.receipt``).
+        """
+
+    @abstractmethod
+    async def record_events(self, owner: str, outcomes: Sequence[EventOutcome]) -> None:
+        """Save what became of posted events (sent, retry at ``run_at``, given up)."""
+
+    @abstractmethod
+    async def record_receipts(self, reports: Sequence[ReceiptReport]) -> list[bool]:
+        """Record per-recipient receipts; per report, whether it matched a job.
+
+        A report whose provider id is not known yet is kept and applied when the delivery
+        that carries that id is recorded; a hard bounce (status 5.x.x) suppresses the address.
+        """

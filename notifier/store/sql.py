@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from notifier.models import FINAL_STATUSES, Job, JobStatus, Message
+from notifier.models import (
+    FINAL_STATUSES,
+    Event,
+    Job,
+    JobStatus,
+    Message,
+    Priority,
+    ReceiptReport,
+    ReceiptState,
+    bare_address,
+    isoformat,
+)
 
 #: What every read of a job returns, in this order (``SELECT {COLUMNS}``, ``RETURNING
 #: {COLUMNS}``); each is read into the ``Job`` field of the same name, so a new column of
@@ -31,8 +42,11 @@ JOB_COLUMNS: tuple[str, ...] = (
     "created_at",
     "updated_at",
     "run_at",
+    "priority",
+    "superseded_by",
+    "receipts",
+    "callback",
 )
-COLUMNS = ", ".join(JOB_COLUMNS)
 #: Of those, the ones each backend stores moments in its own way.
 MOMENT_COLUMNS: tuple[str, ...] = ("created_at", "updated_at", "run_at")
 
@@ -40,14 +54,32 @@ MOMENT_COLUMNS: tuple[str, ...] = ("created_at", "updated_at", "run_at")
 WAITING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RETRYING})
 
 
-def status_in(statuses: Iterable[JobStatus]) -> str:
+def status_in(statuses: Iterable[JobStatus], column: str = "status") -> str:
     """``status IN (...)``, in the enum's order so that a statement's text never varies.
 
     The partial indexes are built on these conditions (SQLite uses one only when the query
     repeats its condition), so queries and schemas take them from here.
     """
     wanted = frozenset(statuses)
-    return "status IN ({})".format(", ".join(f"'{s.value}'" for s in JobStatus if s in wanted))
+    values = ", ".join(f"'{s.value}'" for s in JobStatus if s in wanted)
+    return f"{column} IN ({values})"
+
+
+def job_columns(json_object: str) -> str:
+    """``JOB_COLUMNS`` as a select list; ``callback`` is derived from the job's latest event
+    (``json_object`` names the backend's function that builds a JSON object)."""
+    latest = (
+        f"(SELECT {json_object}('state', e.state, 'attempts', e.attempts,"
+        " 'last_error', e.last_error) FROM events e WHERE e.job_id = jobs.id"
+        " ORDER BY e.created_at DESC LIMIT 1)"
+    )
+    none_yet = f"{json_object}('state', 'pending', 'attempts', 0, 'last_error', NULL)"
+    callback = (
+        f"CASE WHEN jobs.callback_url IS NULL THEN NULL ELSE coalesce({latest}, {none_yet}) END"
+    )
+    return ", ".join(
+        f"{callback} AS callback" if name == "callback" else f"jobs.{name}" for name in JOB_COLUMNS
+    )
 
 
 WAITING = status_in(WAITING_STATUSES)
@@ -82,7 +114,63 @@ class JobRows:
         message = self.document(value["message"])
         value["message"] = Message.from_dict(value["id"], value["channel"], message)
         value["results"] = self.document(value["results"]) if value["results"] else {}
+        value["priority"] = Priority.of_rank(value["priority"])
+        receipts = self.document(value["receipts"]) if value["receipts"] else {}
+        value["receipts"] = {key: receipt_entry(entry) for key, entry in receipts.items()}
+        value["callback"] = self.document(value["callback"]) if value["callback"] else None
         return Job(**value)
+
+
+def receipt_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stored receipt in the answer's shape (a JSON merge patch cannot store a null)."""
+    return {"state": entry["state"], "reason": entry.get("reason"), "at": entry["at"]}
+
+
+def receipt_patch(recipient: str, report: ReceiptReport) -> dict[str, Any]:
+    return {
+        recipient: {
+            "state": report.state.value,
+            "reason": report.reason,
+            "at": isoformat(report.at),
+        }
+    }
+
+
+def same_receipt(current: dict[str, Any] | None, report: ReceiptReport) -> bool:
+    """A repeat of what is known already (providers resend reports) changes nothing."""
+    return (
+        current is not None
+        and current.get("state") == report.state.value
+        and current.get("reason") == report.reason
+    )
+
+
+def _digits(value: str) -> str:
+    return "".join(c for c in value if c.isdigit())
+
+
+def match_recipient(candidates: Iterable[str], given: str | None) -> str | None:
+    """The job's spelling of the recipient a provider names: an address in any case or
+    display name, a number in E.164 or the national form (ihuyi reports ``138...``)."""
+    spelled = list(dict.fromkeys(candidates))
+    if given is None:
+        return spelled[0] if len(spelled) == 1 else None
+    if given in spelled:
+        return given
+    if "@" in given:
+        wanted = given.strip().lower()
+        return next((c for c in spelled if "@" in c and bare_address(c) == wanted), None)
+    digits = _digits(given)
+    for candidate in spelled:
+        theirs = _digits(candidate)
+        if digits and theirs and (theirs.endswith(digits) or digits.endswith(theirs)):
+            return candidate
+    return None
+
+
+def is_hard_bounce(report: ReceiptReport) -> bool:
+    """A permanent failure (RFC 3463 class 5) of a mailbox: the address is suppressed."""
+    return report.state is ReceiptState.BOUNCED and (report.reason or "").startswith("5.")
 
 
 def status_counts(rows: Iterable[Iterable[Any]]) -> dict[JobStatus, int]:
@@ -90,3 +178,26 @@ def status_counts(rows: Iterable[Iterable[Any]]) -> dict[JobStatus, int]:
     counts = dict.fromkeys(JobStatus, 0)
     counts.update({JobStatus(status): int(n) for status, n in rows})
     return counts
+
+
+def in_claim_order(jobs: Iterable[Job]) -> list[Job]:
+    """Claimed jobs in the order they are due to go: priority, then due time."""
+    return sorted(jobs, key=lambda job: (job.priority.rank, job.run_at, job.id))
+
+
+def recipients_of(message: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """Every recipient a stored job names (as it spells them), served ones first."""
+    named = [*message.get("to", ()), *message.get("cc", ()), *message.get("bcc", ())]
+    return [*results.get("delivered", {}), *named]
+
+
+def events(
+    rows: Iterable[Iterable[Any]], jobs: dict[str, Job], moment: Callable[[Any], datetime]
+) -> list[Event]:
+    """Claimed ``(id, job_id, type, url, created_at, attempts)`` rows with their jobs; an
+    event whose job was purged meanwhile has nothing left to report and is left out."""
+    claimed = []
+    for event_id, job_id, kind, url, created_at, attempts in rows:
+        if job_id in jobs:
+            claimed.append(Event(event_id, kind, url, moment(created_at), attempts, jobs[job_id]))
+    return claimed

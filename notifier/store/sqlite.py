@@ -12,7 +12,7 @@ import fcntl
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Self
@@ -21,12 +21,27 @@ from urllib.parse import urlsplit
 import aiosqlite
 import pydantic_core
 
-from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
-from notifier.settings import Settings
+from notifier.models import (
+    FINAL_STATUSES,
+    Enqueued,
+    Event,
+    EventOutcome,
+    Job,
+    JobStatus,
+    NewJob,
+    Outcome,
+    ReceiptReport,
+    Suppression,
+    bare_address,
+)
+from notifier.settings import RecipientLimit, Settings
 from notifier.store import sql
 from notifier.store.base import Store, StoreLocked, StoreUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: The moment now, in the epoch seconds every time column holds.
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,12 +57,112 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     run_at REAL NOT NULL,
     lease_owner TEXT,
-    lease_until REAL
+    lease_until REAL,
+    priority INTEGER NOT NULL DEFAULT 1,
+    collapse TEXT,
+    superseded_by TEXT,
+    callback_url TEXT,
+    receipts TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at) WHERE {sql.WAITING};
+CREATE INDEX IF NOT EXISTS jobs_due_by_priority ON jobs (channel, priority, run_at)
+    WHERE {sql.WAITING};
+CREATE INDEX IF NOT EXISTS jobs_collapse ON jobs (collapse)
+    WHERE {sql.WAITING} AND collapse IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at) WHERE {sql.FINAL};
+
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    run_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (run_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS events_one_final ON events (job_id) WHERE type = 'job.final';
+
+CREATE TABLE IF NOT EXISTS provider_refs (
+    ref TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    recipient TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS provider_refs_job ON provider_refs (job_id);
+CREATE TABLE IF NOT EXISTS receipt_orphans (
+    ref TEXT NOT NULL,
+    receipt TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipt_orphans_ref ON receipt_orphans (ref);
+
+CREATE TABLE IF NOT EXISTS suppressions (
+    address TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS recipient_sends (recipient TEXT NOT NULL, sent_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS recipient_sends_by ON recipient_sends (recipient, sent_at);
+CREATE INDEX IF NOT EXISTS recipient_sends_at ON recipient_sends (sent_at);
+CREATE TABLE IF NOT EXISTS recipient_holds (recipient TEXT PRIMARY KEY, until REAL NOT NULL);
+
+-- A newer job supersedes the waiting ones of its collapse value, in its own INSERT.
+CREATE TRIGGER IF NOT EXISTS jobs_collapse AFTER INSERT ON jobs
+WHEN NEW.collapse IS NOT NULL BEGIN
+    UPDATE jobs SET status = 'cancelled', superseded_by = NEW.id, updated_at = NEW.updated_at
+    WHERE collapse = NEW.collapse AND {sql.WAITING} AND id <> NEW.id;
+END;
+-- The outbox: a job's one final event, in the statement that makes it final.
+CREATE TRIGGER IF NOT EXISTS jobs_final_event AFTER UPDATE OF status ON jobs
+WHEN NEW.callback_url IS NOT NULL AND {sql.status_in(FINAL_STATUSES, "NEW.status")}
+    AND NOT {sql.status_in(FINAL_STATUSES, "OLD.status")} BEGIN
+    INSERT OR IGNORE INTO events (id, job_id, type, url, created_at, run_at)
+    VALUES (lower(hex(randomblob(16))), NEW.id, 'job.final', NEW.callback_url,
+            NEW.updated_at, NEW.updated_at);
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_receipt_event AFTER UPDATE OF receipts ON jobs
+WHEN NEW.callback_url IS NOT NULL AND NEW.receipts IS NOT OLD.receipts BEGIN
+    INSERT INTO events (id, job_id, type, url, created_at, run_at)
+    VALUES (lower(hex(randomblob(16))), NEW.id, 'job.receipt', NEW.callback_url, {NOW}, {NOW});
+END;
+-- Provider message ids of delivered recipients, so receipts find their job.
+CREATE TRIGGER IF NOT EXISTS jobs_provider_refs AFTER UPDATE OF results ON jobs
+WHEN NEW.channel <> 'email' AND NEW.results IS NOT OLD.results BEGIN
+    INSERT OR IGNORE INTO provider_refs (ref, job_id, recipient)
+    SELECT value, NEW.id, key FROM json_each(NEW.results, '$.delivered') WHERE type = 'text';
+END;
+-- A receipt that came before its delivery was recorded is applied once it is.
+CREATE TRIGGER IF NOT EXISTS provider_refs_orphans AFTER INSERT ON provider_refs
+WHEN EXISTS (SELECT 1 FROM receipt_orphans WHERE ref = NEW.ref) BEGIN
+    UPDATE jobs SET receipts = json_patch(coalesce(receipts, '{{}}'), json_object(NEW.recipient,
+        json((SELECT receipt FROM receipt_orphans WHERE ref = NEW.ref
+              ORDER BY created_at DESC LIMIT 1))))
+    WHERE id = NEW.job_id;
+    DELETE FROM receipt_orphans WHERE ref = NEW.ref;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_purged AFTER DELETE ON jobs BEGIN
+    DELETE FROM events WHERE job_id = OLD.id;
+    DELETE FROM provider_refs WHERE job_id = OLD.id;
+END;
 """
+
+#: Columns version 2 added to the jobs table of a version 1 file.
+ADDED_COLUMNS = {
+    "priority": "INTEGER NOT NULL DEFAULT 1",
+    "collapse": "TEXT",
+    "superseded_by": "TEXT",
+    "callback_url": "TEXT",
+    "receipts": "TEXT",
+}
+
+COLUMNS = sql.job_columns("json_object")
 
 
 def database_path(url: str) -> Path:
@@ -84,11 +199,23 @@ class SQLiteStore(Store):
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
                 await self._db.execute(f"PRAGMA {pragma}")
+            await self._upgrade(self._db)
             await self._db.executescript(SCHEMA)
             await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+
+    @staticmethod
+    async def _upgrade(db: aiosqlite.Connection) -> None:
+        """Bring a file of an earlier version up to date before the schema script runs."""
+        async with db.execute("PRAGMA table_info(jobs)") as cursor:
+            present = {row[1] for row in await cursor.fetchall()}
+        if not present:
+            return
+        for name, definition in ADDED_COLUMNS.items():
+            if name not in present:
+                await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _take_ownership(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -147,15 +274,18 @@ class SQLiteStore(Store):
                 job.message.to_dict(),
                 job.idempotency_key,
                 job.run_at.timestamp() if job.run_at else now,
+                job.priority.rank,
+                job.collapse,
+                job.callback_url,
             ]
             for job in jobs
         ]
         # A key already stored, or given twice in this batch, conflicts and is skipped.
         inserted = await self._run(
             "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
-            " updated_at, run_at) SELECT json_extract(value, '$[0]'),"
-            " json_extract(value, '$[1]'), 'queued', json_extract(value, '$[2]'),"
-            " json_extract(value, '$[3]'), ?1, ?1, json_extract(value, '$[4]')"
+            " updated_at, run_at, priority, collapse, callback_url)"
+            " SELECT value ->> 0, value ->> 1, 'queued', value ->> 2, value ->> 3, ?1, ?1,"
+            " value ->> 4, value ->> 5, value ->> 6, value ->> 7"
             " FROM json_each(?2) WHERE true"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             (now, pydantic_core.to_json(rows).decode()),
@@ -183,17 +313,19 @@ class SQLiteStore(Store):
         return {key: job_id for key, job_id in rows}
 
     async def claim(
-        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
         now = time.time()
+        due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
         rows = await self._run(
-            f"UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?,"
-            f" lease_until = ?, updated_at = ? WHERE id IN (SELECT id FROM jobs"
-            f" WHERE channel = ? AND {sql.WAITING} AND run_at <= ? ORDER BY run_at LIMIT ?)"
-            f" RETURNING {sql.COLUMNS}",
-            (owner, now + lease_seconds, now, channel, now, limit),
+            "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
+            " lease_until = ?2, updated_at = ?3 WHERE id IN ("
+            f"SELECT id FROM (SELECT id {due} ORDER BY run_at LIMIT ?5) UNION"
+            f" SELECT id FROM (SELECT id {due} ORDER BY priority, run_at LIMIT ?6))"
+            f" RETURNING {COLUMNS}",
+            (owner, now + lease_seconds, now, channel, oldest, limit - oldest),
         )
-        return sorted((ROWS.job(row) for row in rows), key=lambda job: job.run_at)
+        return sql.in_claim_order(ROWS.job(row) for row in rows)
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         payload = json.dumps(
@@ -243,6 +375,11 @@ class SQLiteStore(Store):
 
     async def recover(self, *, owner: str) -> int:
         # The file lock proves every other owner is gone; our own leases can only have run out.
+        await self._run(
+            "UPDATE events SET lease_owner = NULL, lease_until = NULL"
+            " WHERE state = 'pending' AND lease_owner IS NOT ?",
+            (owner,),
+        )
         return await self._requeue(
             "(lease_owner IS NOT ? OR lease_until < ?)",
             (owner, time.time()),
@@ -262,13 +399,13 @@ class SQLiteStore(Store):
         return count
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._run(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = await self._run(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return ROWS.job(rows[0]) if rows else None
 
     async def cancel(self, job_id: str) -> Job | None:
         rows = await self._run(
             "UPDATE jobs SET status = 'cancelled', updated_at = ?, lease_owner = NULL,"
-            f" lease_until = NULL WHERE id = ? AND NOT {sql.FINAL} RETURNING {sql.COLUMNS}",
+            f" lease_until = NULL WHERE id = ? AND NOT {sql.FINAL} RETURNING {COLUMNS}",
             (time.time(), job_id),
         )
         return ROWS.job(rows[0]) if rows else await self.get(job_id)
@@ -289,7 +426,7 @@ class SQLiteStore(Store):
         self, *, status: JobStatus | None, since: datetime | None, limit: int
     ) -> list[Job]:
         rows = await self._run(
-            f"SELECT {sql.COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
+            f"SELECT {COLUMNS} FROM jobs WHERE (? IS NULL OR status = ?) AND updated_at >= ?"
             " ORDER BY updated_at DESC LIMIT ?",
             (status, status, since.timestamp() if since else 0.0, limit),
         )
@@ -313,6 +450,173 @@ class SQLiteStore(Store):
         return [row[0] for row in rows]
 
     async def purge(self, *, before: datetime) -> int:
+        cutoff = before.timestamp()
+        await self._run("DELETE FROM recipient_sends WHERE sent_at < ?", (cutoff,))
+        await self._run("DELETE FROM recipient_holds WHERE until < ?", (time.time(),))
+        await self._run("DELETE FROM receipt_orphans WHERE created_at < ?", (cutoff,))
         return await self._count(
-            f"DELETE FROM jobs WHERE {sql.FINAL} AND updated_at < ?", (before.timestamp(),)
+            f"DELETE FROM jobs WHERE {sql.FINAL} AND updated_at < ?", (cutoff,)
         )
+
+    # -- traffic control ---------------------------------------------------------------------
+
+    async def pace(
+        self, owner: str, jobs: Sequence[Job], limits: Sequence[RecipientLimit]
+    ) -> dict[str, datetime]:
+        # One lane claims SMS in this process, so the check and the count cannot interleave.
+        now = time.time()
+        deferred: dict[str, float] = {}
+        for job in jobs:
+            recipients = json.dumps(list(job.pending_message().pending_to))
+            until = await self._blocked_until(recipients, limits, now)
+            if until is not None:
+                deferred[job.id] = until
+                continue
+            await self._run(
+                "INSERT INTO recipient_sends (recipient, sent_at)"
+                " SELECT value, ? FROM json_each(?)",
+                (now, recipients),
+            )
+        if deferred:
+            await self._run(
+                "UPDATE jobs SET status = CASE WHEN attempts > 1 THEN 'retrying' ELSE 'queued'"
+                " END, attempts = attempts - 1, run_at = d.value, lease_owner = NULL,"
+                " lease_until = NULL FROM json_each(?) AS d"
+                " WHERE jobs.id = d.key AND jobs.status = 'sending' AND jobs.lease_owner = ?",
+                (json.dumps(deferred), owner),
+            )
+        return {job_id: _moment(until) for job_id, until in deferred.items()}
+
+    async def _blocked_until(
+        self, recipients: str, limits: Sequence[RecipientLimit], now: float
+    ) -> float | None:
+        """When every one of ``recipients`` (a JSON list) may get a message again; None if now."""
+        windows = json.dumps([[limit.count, limit.seconds] for limit in limits])
+        rows = await self._run(
+            "SELECT max(t) FROM ("
+            " SELECT until AS t FROM recipient_holds"
+            "  WHERE recipient IN (SELECT value FROM json_each(?1)) AND until > ?3"
+            " UNION ALL"
+            " SELECT min(s.sent_at) + (w.value ->> 1) AS t"
+            "  FROM json_each(?1) AS r, json_each(?2) AS w"
+            "  JOIN recipient_sends AS s ON s.recipient = r.value"
+            "   AND s.sent_at > ?3 - (w.value ->> 1)"
+            "  GROUP BY r.value, w.key HAVING count(*) >= (w.value ->> 0))",
+            (recipients, windows, now),
+        )
+        value = rows[0][0] if rows else None
+        return float(value) if value is not None else None
+
+    async def hold_recipients(self, holds: Mapping[str, datetime]) -> None:
+        await self._run(
+            "INSERT INTO recipient_holds (recipient, until) SELECT key, value FROM json_each(?)"
+            " WHERE true ON CONFLICT (recipient) DO UPDATE SET until = max(until, excluded.until)",
+            (json.dumps({number: until.timestamp() for number, until in holds.items()}),),
+        )
+
+    # -- suppression -------------------------------------------------------------------------
+
+    async def suppressed(self, addresses: Collection[str]) -> dict[str, str]:
+        if not addresses:
+            return {}
+        rows = await self._run(
+            "SELECT address, reason FROM suppressions"
+            " WHERE address IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(addresses)),),
+        )
+        return {address: reason for address, reason in rows}
+
+    async def suppress(self, address: str, reason: str) -> None:
+        await self._run(
+            "INSERT INTO suppressions (address, reason, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (address) DO NOTHING",
+            (address, reason, time.time()),
+        )
+
+    async def unsuppress(self, address: str) -> bool:
+        return bool(await self._count("DELETE FROM suppressions WHERE address = ?", (address,)))
+
+    async def list_suppressions(self) -> list[Suppression]:
+        rows = await self._run(
+            "SELECT address, reason, created_at FROM suppressions ORDER BY created_at, address"
+        )
+        return [Suppression(address, reason, _moment(at)) for address, reason, at in rows]
+
+    # -- callbacks and receipts --------------------------------------------------------------
+
+    async def claim_events(self, *, owner: str, limit: int, lease_seconds: float) -> list[Event]:
+        now = time.time()
+        rows = await self._run(
+            "UPDATE events SET attempts = attempts + 1, lease_owner = ?1, lease_until = ?2"
+            " WHERE id IN (SELECT id FROM events WHERE state = 'pending' AND run_at <= ?3"
+            " AND (lease_until IS NULL OR lease_until < ?3) ORDER BY run_at LIMIT ?4)"
+            " RETURNING id, job_id, type, url, created_at, attempts",
+            (owner, now + lease_seconds, now, limit),
+        )
+        if not rows:
+            return []
+        jobs = await self._run(
+            f"SELECT {COLUMNS} FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps([row[1] for row in rows]),),
+        )
+        return sql.events(rows, {job.id: job for job in map(ROWS.job, jobs)}, _moment)
+
+    async def record_events(self, owner: str, outcomes: Sequence[EventOutcome]) -> None:
+        await self._run(
+            "UPDATE events SET state = o.value ->> 1, last_error = o.value ->> 2,"
+            " run_at = coalesce(o.value ->> 3, events.run_at), lease_owner = NULL,"
+            " lease_until = NULL FROM json_each(?) AS o"
+            " WHERE events.id = o.value ->> 0 AND events.lease_owner = ?",
+            (
+                json.dumps(
+                    [
+                        [o.event_id, o.state.value, o.last_error, o.run_at and o.run_at.timestamp()]
+                        for o in outcomes
+                    ]
+                ),
+                owner,
+            ),
+        )
+
+    async def record_receipts(self, reports: Sequence[ReceiptReport]) -> list[bool]:
+        return [await self._record_receipt(report) for report in reports]
+
+    async def _record_receipt(self, report: ReceiptReport) -> bool:
+        if report.by == "provider_id":
+            rows = await self._run(
+                "SELECT p.job_id, p.recipient, j.channel, j.receipts FROM provider_refs p"
+                " JOIN jobs j ON j.id = p.job_id WHERE p.ref = ?",
+                (report.reference,),
+            )
+            if not rows:
+                await self._run(
+                    "INSERT INTO receipt_orphans (ref, receipt, created_at) VALUES (?, ?, ?)",
+                    (report.reference, json.dumps(sql.receipt_patch("", report)[""]), time.time()),
+                )
+                return False
+            job_id, recipient, channel, receipts = rows[0]
+        else:
+            rows = await self._run(
+                "SELECT channel, message, results, receipts FROM jobs WHERE id = ?",
+                (report.reference,),
+            )
+            if not rows:
+                return False
+            channel, message, results, receipts = rows[0]
+            job_id = report.reference
+            recipient = sql.match_recipient(
+                sql.recipients_of(json.loads(message), json.loads(results or "{}")),
+                report.recipient,
+            )
+            if recipient is None:
+                return False
+        known = json.loads(receipts or "{}")
+        if sql.same_receipt(known.get(recipient), report):
+            return True
+        await self._run(
+            "UPDATE jobs SET receipts = json_patch(coalesce(receipts, '{}'), ?) WHERE id = ?",
+            (json.dumps(sql.receipt_patch(recipient, report)), job_id),
+        )
+        if channel == "email" and sql.is_hard_bounce(report):
+            await self.suppress(bare_address(recipient), report.reason or "hard bounce")
+        return True

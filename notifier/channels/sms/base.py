@@ -213,7 +213,6 @@ class SMSChannel(Channel):
 
     @property
     def circuits(self) -> list[CircuitBreaker]:
-        """For ``Metrics.track_circuits``."""
         return [route.circuit for route in self._routes]
 
     def check(self, message: Message) -> None:

@@ -103,6 +103,118 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "priorities, collapsing, callbacks, receipts, suppression, pacing",
+        """
+        ALTER TABLE jobs
+            ADD COLUMN priority smallint NOT NULL DEFAULT 1,
+            ADD COLUMN collapse text,
+            ADD COLUMN superseded_by text,
+            ADD COLUMN callback_url text,
+            ADD COLUMN receipts jsonb;
+        -- Claims in priority order, then by due time, from waiting work only; the old index
+        -- still serves next_due and the longest-waiting share of each claim.
+        CREATE INDEX jobs_due_by_priority ON jobs (channel, priority, run_at, id)
+            WHERE status IN ('queued', 'retrying');
+        CREATE INDEX jobs_collapse ON jobs (collapse)
+            WHERE status IN ('queued', 'retrying') AND collapse IS NOT NULL;
+
+        -- Callback events, written by the triggers below in the transaction that causes them.
+        CREATE TABLE events (
+            id text PRIMARY KEY DEFAULT md5(random()::text || clock_timestamp()::text),
+            job_id text NOT NULL,
+            type text NOT NULL,
+            url text NOT NULL,
+            state text NOT NULL DEFAULT 'pending',
+            attempts integer NOT NULL DEFAULT 0,
+            last_error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            run_at timestamptz NOT NULL DEFAULT now(),
+            lease_owner text,
+            lease_until timestamptz
+        );
+        CREATE INDEX events_due ON events (run_at) WHERE state = 'pending';
+        CREATE INDEX events_job ON events (job_id, created_at);
+        CREATE UNIQUE INDEX events_one_final ON events (job_id) WHERE type = 'job.final';
+
+        -- Provider message ids of delivered recipients, for receipts to find their job.
+        CREATE TABLE provider_refs (
+            ref text PRIMARY KEY,
+            job_id text NOT NULL,
+            recipient text NOT NULL
+        );
+        CREATE INDEX provider_refs_job ON provider_refs (job_id);
+        -- Receipts that came before the delivery carrying their id was recorded.
+        CREATE TABLE receipt_orphans (
+            ref text NOT NULL,
+            receipt jsonb NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX receipt_orphans_ref ON receipt_orphans (ref);
+
+        CREATE TABLE suppressions (
+            address text PRIMARY KEY,
+            reason text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE recipient_sends (recipient text NOT NULL, sent_at timestamptz NOT NULL);
+        CREATE INDEX recipient_sends_by ON recipient_sends (recipient, sent_at);
+        CREATE TABLE recipient_holds (recipient text PRIMARY KEY, until timestamptz NOT NULL);
+
+        CREATE FUNCTION notifier_final_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO events (job_id, type, url)
+                VALUES (NEW.id, 'job.final', NEW.callback_url) ON CONFLICT DO NOTHING;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER jobs_final_event AFTER UPDATE OF status ON jobs FOR EACH ROW
+            WHEN (NEW.callback_url IS NOT NULL
+                  AND NEW.status IN ('delivered', 'failed', 'cancelled')
+                  AND NOT OLD.status IN ('delivered', 'failed', 'cancelled'))
+            EXECUTE FUNCTION notifier_final_event();
+
+        CREATE FUNCTION notifier_receipt_event() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO events (job_id, type, url)
+                VALUES (NEW.id, 'job.receipt', NEW.callback_url);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER jobs_receipt_event AFTER UPDATE OF receipts ON jobs FOR EACH ROW
+            WHEN (NEW.callback_url IS NOT NULL AND NEW.receipts IS DISTINCT FROM OLD.receipts)
+            EXECUTE FUNCTION notifier_receipt_event();
+
+        CREATE FUNCTION notifier_provider_refs() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO provider_refs (ref, job_id, recipient)
+                SELECT d.value, NEW.id, d.key FROM jsonb_each_text(NEW.results -> 'delivered') d
+                WHERE d.value IS NOT NULL
+                ON CONFLICT DO NOTHING;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER jobs_provider_refs AFTER UPDATE OF results ON jobs FOR EACH ROW
+            WHEN (NEW.channel <> 'email' AND NEW.results ? 'delivered'
+                  AND NEW.results IS DISTINCT FROM OLD.results)
+            EXECUTE FUNCTION notifier_provider_refs();
+
+        CREATE FUNCTION notifier_adopt_orphans() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE found jsonb;
+        BEGIN
+            WITH adopted AS (DELETE FROM receipt_orphans WHERE ref = NEW.ref
+                             RETURNING receipt, created_at)
+            SELECT receipt INTO found FROM adopted ORDER BY created_at DESC LIMIT 1;
+            IF found IS NOT NULL THEN
+                UPDATE jobs
+                SET receipts = coalesce(receipts, '{}') || jsonb_build_object(NEW.recipient, found)
+                WHERE id = NEW.job_id;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER provider_refs_orphans AFTER INSERT ON provider_refs FOR EACH ROW
+            EXECUTE FUNCTION notifier_adopt_orphans();
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
@@ -30,8 +30,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from notifier.models import Enqueued, Job, JobStatus, NewJob, Outcome
-from notifier.settings import Settings
+from notifier.models import (
+    Enqueued,
+    Event,
+    EventOutcome,
+    Job,
+    JobStatus,
+    NewJob,
+    Outcome,
+    ReceiptReport,
+    Suppression,
+    bare_address,
+)
+from notifier.settings import RecipientLimit, Settings
 from notifier.store import sql
 from notifier.store.base import Store, StoreUnavailable
 from notifier.store.postgres import schema
@@ -68,6 +79,7 @@ PURGE_BATCH = 5000
 
 #: asyncpg hands ``jsonb`` over as text and ``timestamptz`` as aware datetimes.
 ROWS = sql.JobRows()
+COLUMNS = sql.job_columns("json_build_object")
 
 
 def _count(status: str) -> int:
@@ -191,6 +203,15 @@ class PostgresStore(Store):
         async with self._connection() as conn:
             await conn.fetchval("SELECT 1")
 
+    @asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A transaction-level advisory lock for the block (so PgBouncer's transaction mode
+        keeps it too): one instance at a time does ``name``, the others skip it."""
+        async with self._connection(transaction=True) as conn:
+            yield await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))", f"notifier:{name}"
+            )
+
     # -- intake ------------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
@@ -203,17 +224,21 @@ class PostgresStore(Store):
         async with self._connection(transaction=True) as conn:
             inserted = await conn.fetch(
                 "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
-                " updated_at, run_at)"
+                " updated_at, run_at, priority, collapse, callback_url)"
                 " SELECT j.id, j.channel, 'queued', j.message::jsonb, j.key, now(), now(),"
-                " coalesce(j.run_at, now())"
-                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])"
-                " AS j(id, channel, message, key, run_at)"
+                " coalesce(j.run_at, now()), j.priority, j.collapse, j.callback_url"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
+                " $6::smallint[], $7::text[], $8::text[])"
+                " AS j(id, channel, message, key, run_at, priority, collapse, callback_url)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key",
                 [job.message.id for job in rows],
                 [job.message.channel for job in rows],
                 [json.dumps(job.message.to_dict()) for job in rows],
                 [job.idempotency_key for job in rows],
                 [job.run_at for job in rows],
+                [job.priority.rank for job in rows],
+                [job.collapse for job in rows],
+                [job.callback_url for job in rows],
             )
             stored = {row["idempotency_key"]: row["id"] for row in inserted}
             conflicts = [
@@ -229,11 +254,40 @@ class PostgresStore(Store):
                     conflicts,
                 )
                 stored.update((row["idempotency_key"], row["id"]) for row in found)
+            new_ids = {row["id"] for row in inserted}
+            await self._collapse(conn, [job for job in rows if job.message.id in new_ids])
             if inserted:
                 await conn.execute("SELECT pg_notify($1, '')", schema.WORK_CHANNEL)
         if inserted:
             self._notify_work()
         return [self._answer(job, stored) for job in jobs]
+
+    async def _collapse(self, conn: AnyConnection, jobs: Sequence[NewJob]) -> None:
+        """The newest job of each collapse value supersedes the waiting others, in the
+        transaction that stores it. Transactions take turns per value (an advisory lock, in
+        one order), so of two sent at once the later always sees the earlier."""
+        collapsing = [job for job in jobs if job.collapse is not None]
+        if not collapsing:
+            return
+        values = sorted({job.collapse for job in collapsing if job.collapse is not None})
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(c)) FROM unnest($1::text[]) AS c ORDER BY c",
+            values,
+        )
+        await conn.execute(
+            "WITH newest AS (SELECT DISTINCT ON (c) id, c"
+            " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS n(id, c, i)"
+            " ORDER BY c, i DESC),"
+            " superseded AS (UPDATE jobs SET status = 'cancelled', superseded_by = newest.id,"
+            " updated_at = now(), lease_owner = NULL, lease_until = NULL FROM newest"
+            f" WHERE jobs.collapse = newest.c AND jobs.{sql.WAITING} AND jobs.id <> newest.id"
+            " RETURNING jobs.status), "
+            + TALLY.format(shard="$3::smallint", source="superseded", sign="")
+            + " SELECT 1",
+            [job.message.id for job in collapsing],
+            [job.collapse for job in collapsing],
+            self._shard,
+        )
 
     @staticmethod
     def _answer(job: NewJob, stored: dict[str, str]) -> Enqueued:
@@ -245,22 +299,26 @@ class PostgresStore(Store):
     # -- delivery ----------------------------------------------------------------------------
 
     async def claim(
-        self, channel: str, *, owner: str, limit: int, lease_seconds: float
+        self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
+        due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
         async with self._connection() as conn:
             rows = await conn.fetch(
                 "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
                 " lease_until = now() + make_interval(secs => $3), updated_at = now()"
                 f" WHERE {sql.WAITING} AND id = ANY(ARRAY("
-                f"SELECT id FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
-                " ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED))"
-                f" RETURNING {sql.COLUMNS}",
+                f"SELECT id FROM (SELECT id {due} ORDER BY run_at, id LIMIT $5"
+                " FOR UPDATE SKIP LOCKED) AS oldest UNION"
+                f" SELECT id FROM (SELECT id {due} ORDER BY priority, run_at, id LIMIT $4"
+                " FOR UPDATE SKIP LOCKED) AS first))"
+                f" RETURNING {COLUMNS}",
                 channel,
                 owner,
                 lease_seconds,
-                limit,
+                limit - oldest,
+                oldest,
             )
-        return sorted((ROWS.job(row) for row in rows), key=lambda job: (job.run_at, job.id))
+        return sql.in_claim_order(map(ROWS.job, rows))
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         async with self._connection() as conn:
@@ -385,6 +443,12 @@ class PostgresStore(Store):
                 " it will be tried again",
             )
             await conn.execute(
+                "UPDATE events SET lease_owner = NULL, lease_until = NULL"
+                " WHERE state = 'pending' AND lease_owner IN (SELECT owner FROM instances"
+                " WHERE heartbeat_at < now() - make_interval(secs => $1))",
+                dead_after,
+            )
+            await conn.execute(
                 "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
                 dead_after,
             )
@@ -408,7 +472,7 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = $1", job_id)
+            row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
         return ROWS.job(row) if row is not None else None
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -416,14 +480,14 @@ class PostgresStore(Store):
             row = await conn.fetchrow(
                 "WITH cancelled AS (UPDATE jobs SET status = 'cancelled', updated_at = now(),"
                 f" lease_owner = NULL, lease_until = NULL WHERE id = $1 AND NOT {sql.FINAL}"
-                f" RETURNING {sql.COLUMNS}), "
+                f" RETURNING {COLUMNS}), "
                 + TALLY.format(shard="$2::smallint", source="cancelled", sign="")
                 + " SELECT * FROM cancelled",
                 job_id,
                 self._shard,
             )
             if row is None:
-                row = await conn.fetchrow(f"SELECT {sql.COLUMNS} FROM jobs WHERE id = $1", job_id)
+                row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
         return ROWS.job(row) if row is not None else None
 
     async def next_due(self, channel: str) -> datetime | None:
@@ -450,7 +514,7 @@ class PostgresStore(Store):
     ) -> list[Job]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {sql.COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1)"
+                f"SELECT {COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1)"
                 " AND updated_at >= coalesce($2::timestamptz, '-infinity')"
                 " ORDER BY updated_at DESC LIMIT $3",
                 status.value if status else None,
@@ -488,7 +552,10 @@ class PostgresStore(Store):
                 deleted: int = await conn.fetchval(
                     "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
                     f"SELECT id FROM jobs WHERE {sql.FINAL} AND updated_at < $1"
-                    " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING status), "
+                    " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING id, status),"
+                    " events_gone AS (DELETE FROM events WHERE job_id IN (SELECT id FROM purged)),"
+                    " refs_gone AS (DELETE FROM provider_refs"
+                    " WHERE job_id IN (SELECT id FROM purged)), "
                     + TALLY.format(shard="$3::smallint", source="purged", sign="-")
                     + " SELECT count(*) FROM purged",
                     before,
@@ -497,4 +564,193 @@ class PostgresStore(Store):
                 )
             total += deleted
             if deleted < PURGE_BATCH:
-                return total
+                break
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM recipient_sends WHERE sent_at < $1", before)
+            await conn.execute("DELETE FROM recipient_holds WHERE until < now()")
+            await conn.execute("DELETE FROM receipt_orphans WHERE created_at < $1", before)
+        return total
+
+    # -- traffic control ---------------------------------------------------------------------
+
+    async def pace(
+        self, owner: str, jobs: Sequence[Job], limits: Sequence[RecipientLimit]
+    ) -> dict[str, datetime]:
+        windows = json.dumps([[limit.count, limit.seconds] for limit in limits])
+        deferred: dict[str, datetime] = {}
+        async with self._connection(transaction=True) as conn:
+            numbers = sorted({n for job in jobs for n in job.pending_message().pending_to})
+            # Instances pacing the same numbers take turns (in one order: no deadlock).
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(n)) FROM unnest($1::text[]) AS n ORDER BY n",
+                numbers,
+            )
+            for job in jobs:
+                recipients = list(job.pending_message().pending_to)
+                until: datetime | None = await conn.fetchval(
+                    "SELECT max(t) FROM ("
+                    " SELECT until AS t FROM recipient_holds"
+                    "  WHERE recipient = ANY($1) AND until > now()"
+                    " UNION ALL"
+                    " SELECT min(s.sent_at) + make_interval(secs => (w.value ->> 1)::float8)"
+                    "  FROM unnest($1::text[]) AS r(n) CROSS JOIN jsonb_array_elements($2::jsonb)"
+                    "  WITH ORDINALITY AS w(value, i)"
+                    "  JOIN recipient_sends AS s ON s.recipient = r.n AND s.sent_at > now()"
+                    "   - make_interval(secs => (w.value ->> 1)::float8)"
+                    "  GROUP BY r.n, w.i, w.value HAVING count(*) >= (w.value ->> 0)::int) AS b(t)",
+                    recipients,
+                    windows,
+                )
+                if until is not None:
+                    deferred[job.id] = until
+                    continue
+                await conn.execute(
+                    "INSERT INTO recipient_sends (recipient, sent_at)"
+                    " SELECT n, now() FROM unnest($1::text[]) AS n",
+                    recipients,
+                )
+            if deferred:
+                await conn.execute(
+                    "UPDATE jobs SET status = CASE WHEN attempts > 1 THEN 'retrying'"
+                    " ELSE 'queued' END, attempts = attempts - 1, run_at = d.run_at,"
+                    " lease_owner = NULL, lease_until = NULL"
+                    " FROM unnest($1::text[], $2::timestamptz[]) AS d(id, run_at)"
+                    " WHERE jobs.id = d.id AND jobs.status = 'sending' AND jobs.lease_owner = $3",
+                    list(deferred),
+                    list(deferred.values()),
+                    owner,
+                )
+        return deferred
+
+    async def hold_recipients(self, holds: Mapping[str, datetime]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO recipient_holds (recipient, until)"
+                " SELECT * FROM unnest($1::text[], $2::timestamptz[])"
+                " ON CONFLICT (recipient) DO UPDATE"
+                " SET until = greatest(recipient_holds.until, excluded.until)",
+                list(holds),
+                list(holds.values()),
+            )
+
+    # -- suppression -------------------------------------------------------------------------
+
+    async def suppressed(self, addresses: Collection[str]) -> dict[str, str]:
+        if not addresses:
+            return {}
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT address, reason FROM suppressions WHERE address = ANY($1)",
+                sorted(addresses),
+            )
+        return {row["address"]: row["reason"] for row in rows}
+
+    async def suppress(self, address: str, reason: str) -> None:
+        async with self._connection() as conn:
+            await self._suppress(conn, address, reason)
+
+    @staticmethod
+    async def _suppress(conn: AnyConnection, address: str, reason: str) -> None:
+        await conn.execute(
+            "INSERT INTO suppressions (address, reason) VALUES ($1, $2)"
+            " ON CONFLICT (address) DO NOTHING",
+            address,
+            reason,
+        )
+
+    async def unsuppress(self, address: str) -> bool:
+        async with self._connection() as conn:
+            return (
+                _count(await conn.execute("DELETE FROM suppressions WHERE address = $1", address))
+                > 0
+            )
+
+    async def list_suppressions(self) -> list[Suppression]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT address, reason, created_at FROM suppressions ORDER BY created_at, address"
+            )
+        return [Suppression(row["address"], row["reason"], row["created_at"]) for row in rows]
+
+    # -- callbacks and receipts --------------------------------------------------------------
+
+    async def claim_events(self, *, owner: str, limit: int, lease_seconds: float) -> list[Event]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "UPDATE events SET attempts = attempts + 1, lease_owner = $1,"
+                " lease_until = now() + make_interval(secs => $2)"
+                " WHERE id = ANY(ARRAY(SELECT id FROM events WHERE state = 'pending'"
+                " AND run_at <= now() AND (lease_until IS NULL OR lease_until < now())"
+                " ORDER BY run_at LIMIT $3 FOR UPDATE SKIP LOCKED))"
+                " RETURNING id, job_id, type, url, created_at, attempts",
+                owner,
+                lease_seconds,
+                limit,
+            )
+            if not rows:
+                return []
+            jobs = await conn.fetch(
+                f"SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)", [row["job_id"] for row in rows]
+            )
+        return sql.events(rows, {job.id: job for job in map(ROWS.job, jobs)}, lambda at: at)
+
+    async def record_events(self, owner: str, outcomes: Sequence[EventOutcome]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE events SET state = o.state, last_error = o.last_error,"
+                " run_at = coalesce(o.run_at, events.run_at), lease_owner = NULL,"
+                " lease_until = NULL"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])"
+                " AS o(id, state, last_error, run_at)"
+                " WHERE events.id = o.id AND events.lease_owner = $5",
+                [o.event_id for o in outcomes],
+                [o.state.value for o in outcomes],
+                [o.last_error for o in outcomes],
+                [o.run_at for o in outcomes],
+                owner,
+            )
+
+    async def record_receipts(self, reports: Sequence[ReceiptReport]) -> list[bool]:
+        async with self._connection(transaction=True) as conn:
+            return [await self._record_receipt(conn, report) for report in reports]
+
+    async def _record_receipt(self, conn: AnyConnection, report: ReceiptReport) -> bool:
+        if report.by == "provider_id":
+            row = await conn.fetchrow(
+                "SELECT p.job_id, p.recipient, j.channel, j.receipts FROM provider_refs p"
+                " JOIN jobs j ON j.id = p.job_id WHERE p.ref = $1 FOR UPDATE OF j",
+                report.reference,
+            )
+            if row is None:
+                await conn.execute(
+                    "INSERT INTO receipt_orphans (ref, receipt) VALUES ($1, $2::jsonb)",
+                    report.reference,
+                    json.dumps(sql.receipt_patch("", report)[""]),
+                )
+                return False
+            job_id, recipient = row["job_id"], row["recipient"]
+        else:
+            row = await conn.fetchrow(
+                "SELECT channel, message, results, receipts FROM jobs WHERE id = $1 FOR UPDATE",
+                report.reference,
+            )
+            if row is None:
+                return False
+            job_id = report.reference
+            recipient = sql.match_recipient(
+                sql.recipients_of(json.loads(row["message"]), json.loads(row["results"] or "{}")),
+                report.recipient,
+            )
+            if recipient is None:
+                return False
+        known = json.loads(row["receipts"] or "{}")
+        if sql.same_receipt(known.get(recipient), report):
+            return True
+        await conn.execute(
+            "UPDATE jobs SET receipts = coalesce(receipts, '{}') || $1::jsonb WHERE id = $2",
+            json.dumps(sql.receipt_patch(recipient, report)),
+            job_id,
+        )
+        if row["channel"] == "email" and sql.is_hard_bounce(report):
+            await self._suppress(conn, bare_address(recipient), report.reason or "hard bounce")
+        return True

@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from notifier.backoff import Backoff
 from notifier.channels.base import Channel
-from notifier.dispatcher import Backoff, Dispatcher
+from notifier.dispatcher import Dispatcher
 from notifier.errors import (
     DeliveryError,
     PermanentDeliveryError,
+    RecipientThrottled,
     TransientDeliveryError,
 )
 from notifier.metrics import Metrics
-from notifier.models import Job, JobStatus, Message, NewJob, Receipt, utcnow
+from notifier.models import Job, JobStatus, Message, NewJob, Priority, Receipt, utcnow
+from notifier.settings import RecipientLimit
 from notifier.store import Store, open_store
 from tests.support.server import isolated_settings
 from tests.support.waiting import wait_for
@@ -231,3 +234,136 @@ def test_backoff_grows_is_capped_and_honours_retry_after() -> None:
     assert 4.0 <= backoff.delay(3) <= 5.0
     assert backoff.delay(20) == 30.0
     assert backoff.delay(1, retry_after=120.0) == 120.0
+
+
+# -- version 1.1: priorities, suppression, pacing ------------------------------------------------
+
+
+async def enqueue_many(store: Store, count: int, *, priority: Priority, tag: str) -> list[str]:
+    jobs = [
+        NewJob(
+            Message(id=f"{tag}-{i}", channel="sms", to=(f"+1415555{i:04d}",), text="x"),
+            priority=priority,
+        )
+        for i in range(count)
+    ]
+    return [answer.id for answer in await store.enqueue(jobs)]
+
+
+def record_order() -> ScriptedChannel:
+    return ScriptedChannel(lambda message, call: Receipt())
+
+
+async def test_high_jobs_overtake_a_backlog_sent_through_a_slow_sink(
+    store: Store, tmp_path: Path
+) -> None:
+    concurrency = 8
+    channel = record_order()
+    channel.gate = asyncio.Event()
+    await enqueue_many(store, 2000, priority=Priority.NORMAL, tag="bulk")
+    worker = dispatcher(store, channel, tmp_path, sms_concurrency=concurrency)
+    running = asyncio.create_task(worker.run())
+    await wait_for(lambda: len(channel.calls) >= concurrency, what="the backlog under way")
+    high = set(await enqueue_many(store, 3, priority=Priority.HIGH, tag="urgent"))
+    sent_before = len(channel.calls)
+    channel.gate.set()  # the sink answers from now on, one slot at a time as slots free up
+
+    def all_high_sent() -> bool:
+        return high <= {message.id for message in channel.calls}
+
+    await wait_for(all_high_sent, what="the high jobs sent")
+    order = [message.id for message in channel.calls]
+    worst = max(order.index(job_id) for job_id in high)
+    assert worst - sent_before <= 3 * concurrency, "high work waits for a slot, not the backlog"
+    await worker.stop(grace=1)
+    await running
+
+
+async def test_low_work_keeps_a_share_of_slots_under_a_stream_of_high_work(
+    store: Store, tmp_path: Path
+) -> None:
+    await enqueue_many(store, 100, priority=Priority.LOW, tag="low")
+    await enqueue_many(store, 800, priority=Priority.HIGH, tag="high")
+    channel = record_order()
+    await dispatcher(store, channel, tmp_path, sms_concurrency=8).run_burst()
+    first = [message.id for message in channel.calls[:160]]
+    assert sum(job_id.startswith("low") for job_id in first) >= 160 // 8 - 2
+    strict = record_order()
+    other = tmp_path / "strict"
+    other.mkdir()
+    strict_store = open_store(isolated_settings(other))
+    await strict_store.open()
+    try:
+        await enqueue_many(strict_store, 10, priority=Priority.LOW, tag="low")
+        await enqueue_many(strict_store, 100, priority=Priority.HIGH, tag="high")
+        await dispatcher(strict_store, strict, other, priority_aging_share=0.0).run_burst()
+        assert all(m.id.startswith("high") for m in strict.calls[:100]), "0 means strict order"
+    finally:
+        await strict_store.close()
+
+
+async def test_suppressed_addresses_are_skipped_and_a_job_with_none_left_fails(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.suppress("gone@example.com", "5.1.1 no such user")
+    mixed = Message(
+        id="mixed", channel="email", to=("Gone <Gone@example.com>", "here@example.com"), text="x"
+    )
+    only = Message(id="only", channel="email", to=("gone@example.com",), text="x")
+    await store.enqueue([NewJob(mixed), NewJob(only)])
+    channel = ScriptedChannel(lambda message, call: Receipt())
+    settings = isolated_settings(tmp_path, retry_base_delay=0.0)
+    await Dispatcher(store, {"email": channel}, settings, metrics=Metrics()).run_burst()
+    assert [m.id for m in channel.calls] == ["mixed"]
+    assert channel.calls[0].skip == ("Gone <Gone@example.com>",)
+    sent = await job(store, "mixed")
+    assert sent.status is JobStatus.DELIVERED
+    assert sent.results["refused"] == {"Gone <Gone@example.com>": "suppressed: 5.1.1 no such user"}
+    failed = await job(store, "only")
+    assert failed.status is JobStatus.FAILED
+    assert "suppressed" in (failed.last_error or "")
+
+
+async def test_pacing_holds_a_job_over_the_limit_without_an_attempt(
+    store: Store, tmp_path: Path
+) -> None:
+    first = await enqueue(store, "+14155550101")
+    second = await store.enqueue(
+        [NewJob(Message(id="again", channel="sms", to=("+14155550101",), text="x"))]
+    )
+    channel = record_order()
+    worker = dispatcher(store, channel, tmp_path, sms_recipient_limits=(RecipientLimit(1, 3600.0),))
+    await worker.run_burst()
+    assert [m.id for m in channel.calls] == [first]
+    paced = await job(store, second[0].id)
+    assert (paced.status, paced.attempts) == (JobStatus.QUEUED, 0)
+    assert paced.run_at > utcnow() + timedelta(minutes=59)
+
+
+async def test_a_too_often_answer_holds_every_job_to_that_number(
+    store: Store, tmp_path: Path
+) -> None:
+    def script(message: Message, call: int) -> Receipt:
+        if message.id.startswith("job"):
+            raise RecipientThrottled(
+                "ihuyi: 4081 too often", recipient="+14155550101", retry_after=600
+            )
+        return Receipt()
+
+    first = await enqueue(store, "+14155550101")
+    channel = ScriptedChannel(script)
+    worker = dispatcher(store, channel, tmp_path)
+    await worker.run_burst()
+    held = await job(store, first)
+    assert held.status is JobStatus.RETRYING
+    await store.enqueue(
+        [
+            NewJob(Message(id="other-job", channel="sms", to=("+14155550101",), text="x")),
+            NewJob(Message(id="other-number", channel="sms", to=("+14155550102",), text="x")),
+        ]
+    )
+    await worker.run_burst()
+    assert [m.id for m in channel.calls] == [first, "other-number"]
+    waiting = await job(store, "other-job")
+    assert waiting.status is JobStatus.QUEUED and waiting.attempts == 0
+    assert waiting.run_at > utcnow() + timedelta(minutes=9)

@@ -789,3 +789,9 @@ async def test_a_hold_defers_every_job_to_that_number(store: Store) -> None:
     jobs = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
     deferred = await store.pace("me", jobs, PER_HOUR)
     assert abs((deferred[job_id] - until).total_seconds()) < 1
+
+
+async def test_a_claim_is_full_when_the_oldest_is_also_first_by_priority(store: Store) -> None:
+    await add(store, *(new_job(delay=-5 + i) for i in range(5)))
+    claimed = await store.claim("sms", owner="me", limit=3, lease_seconds=LONG, oldest=1)
+    assert len(claimed) == 3

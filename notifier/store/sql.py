@@ -180,6 +180,24 @@ def status_counts(rows: Iterable[Iterable[Any]]) -> dict[JobStatus, int]:
     return counts
 
 
+def claim_order(due: str, *, oldest: str, limit: str, lock: str = "") -> str:
+    """The ids a claim takes: the ``oldest`` longest-waiting due jobs whatever their priority,
+    then due jobs in priority order, each priority by due time, ``limit`` in all.
+
+    ``due`` is ``FROM jobs WHERE <due work of the channel>``; each part reads its own index
+    (``jobs_due``, ``jobs_due_by_priority``) in order and stops at its limit.
+    """
+    return (
+        "SELECT id FROM ("
+        f"SELECT id, 0 AS part, row_number() OVER (ORDER BY run_at, id) AS rn FROM"
+        f" (SELECT id, run_at {due} ORDER BY run_at, id LIMIT {oldest}{lock}) AS o"
+        " UNION ALL"
+        f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM"
+        f" (SELECT id, priority, run_at {due} ORDER BY priority, run_at, id LIMIT {limit}{lock})"
+        f" AS p) AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
+    )
+
+
 def in_claim_order(jobs: Iterable[Job]) -> list[Job]:
     """Claimed jobs in the order they are due to go: priority, then due time."""
     return sorted(jobs, key=lambda job: (job.priority.rank, job.run_at, job.id))

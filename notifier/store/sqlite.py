@@ -317,13 +317,12 @@ class SQLiteStore(Store):
     ) -> list[Job]:
         now = time.time()
         due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
+        chosen = sql.claim_order(due, oldest="?5", limit="?6")
         rows = await self._run(
             "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
-            " lease_until = ?2, updated_at = ?3 WHERE id IN ("
-            f"SELECT id FROM (SELECT id {due} ORDER BY run_at LIMIT ?5) UNION"
-            f" SELECT id FROM (SELECT id {due} ORDER BY priority, run_at LIMIT ?6))"
+            f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
             f" RETURNING {COLUMNS}",
-            (owner, now + lease_seconds, now, channel, oldest, limit - oldest),
+            (owner, now + lease_seconds, now, channel, oldest, limit),
         )
         return sql.in_claim_order(ROWS.job(row) for row in rows)
 

@@ -302,20 +302,17 @@ class PostgresStore(Store):
         self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
         due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
+        chosen = sql.claim_order(due, oldest="$5", limit="$4", lock=" FOR UPDATE SKIP LOCKED")
         async with self._connection() as conn:
             rows = await conn.fetch(
                 "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
                 " lease_until = now() + make_interval(secs => $3), updated_at = now()"
-                f" WHERE {sql.WAITING} AND id = ANY(ARRAY("
-                f"SELECT id FROM (SELECT id {due} ORDER BY run_at, id LIMIT $5"
-                " FOR UPDATE SKIP LOCKED) AS oldest UNION"
-                f" SELECT id FROM (SELECT id {due} ORDER BY priority, run_at, id LIMIT $4"
-                " FOR UPDATE SKIP LOCKED) AS first))"
+                f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
                 f" RETURNING {COLUMNS}",
                 channel,
                 owner,
                 lease_seconds,
-                limit - oldest,
+                limit,
                 oldest,
             )
         return sql.in_claim_order(map(ROWS.job, rows))

@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,10 @@ from notifier.ops import HTTPServer
 from notifier.receipts import AddressBuckets, DeliveryReport, ReceiptsApp
 from notifier.settings import SettingsError, load_settings
 from notifier.store import StoreUnavailable
+from tests.support.http_sink import HTTPSink, Reply, ihuyi_gateway
 from tests.support.prometheus import metric
+from tests.support.server import LineConnection, free_port, running_server
+from tests.support.waiting import wait_for
 
 PUBLIC_URL = "https://notify.example.com/notifier"
 TWILIO_URL = PUBLIC_URL + "/receipts/twilio"
@@ -513,3 +517,63 @@ def test_receipts_settings() -> None:
     assert load_settings(receipts_public_url="").receipts_public_url is None
     with pytest.raises(SettingsError, match="NOTIFIER_RECEIPTS_PUBLIC_URL"):
         load_settings(receipts_public_url="notify.example.com")
+
+
+# -- the whole loop, through the running service -----------------------------------------------
+
+
+async def test_a_verification_sms_from_send_to_its_receipt_callback(
+    tmp_path: Path, http_sink: HTTPSink
+) -> None:
+    """The worked example of docs/protocol.md: send, delivered, DLR, ``job.receipt``."""
+    http_sink.respond_with(
+        lambda request: ihuyi_gateway()(request) if request.path.startswith("/sms") else Reply()
+    )
+    receipts_port = free_port()
+    async with running_server(
+        tmp_path,
+        sms_provider="ihuyi",
+        sms_url=http_sink.url + "/sms?method=Submit",
+        sms_account="C0000001",
+        sms_api_key="k" * 32,
+        receipts_port=receipts_port,
+        callback_secret="hook-secret",
+    ) as server:
+        conn = await LineConnection.open(server.port)
+        sent = await conn.request(
+            {
+                "channel": "sms",
+                "to": "+8613800138000",
+                "text": "Your code is 384912",
+                "callback_url": http_sink.url + "/hooks",
+            }
+        )
+
+        async def posted(kind: str) -> dict[str, Any] | None:
+            for request in list(http_sink.requests):
+                if request.path == "/hooks" and request.json()["type"] == kind:
+                    event: dict[str, Any] = request.json()
+                    return event
+            return None
+
+        final = await wait_for(lambda: posted("job.final"), what="the job.final callback")
+        smsid = final["job"]["results"]["delivered"]["+8613800138000"]
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"http://127.0.0.1:{receipts_port}/receipts/ihuyi",
+                data={
+                    "code": "2",
+                    "msg": "DELIVRD",
+                    "mobilephone": "13800138000",
+                    "smsid": smsid,
+                    "report_time": "2026-12-02 14:00:05",
+                },
+            )
+        assert (answer.status_code, answer.text) == (200, "success")
+        receipt = await wait_for(lambda: posted("job.receipt"), what="the job.receipt callback")
+        assert receipt["job"]["id"] == sent["id"]
+        assert receipt["job"]["receipts"]["+8613800138000"]["state"] == "delivered"
+        assert receipt["event_id"] != final["event_id"]
+        status = await conn.request({"op": "status", "id": sent["id"]})
+        assert status["status"] == "delivered" and status["receipts"]
+        await conn.close()

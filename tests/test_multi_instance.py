@@ -222,3 +222,23 @@ async def test_killing_database_connections_loses_no_accepted_job(
     counts = sink.refresh()
     assert set(counts) == set(accepted.values())
     assert [job for job, n in counts.items() if n != 1] == []
+
+
+async def test_each_callback_event_is_posted_once_across_three_instances(
+    start_instances: Start, http_sink: HTTPSink, postgres_url: str
+) -> None:
+    instances = start_instances(
+        3, NOTIFIER_CALLBACK_URL=http_sink.url + "/hooks", NOTIFIER_CALLBACK_CONCURRENCY="16"
+    )
+    accepted = await spread(instances, 3_000)
+
+    def finals() -> Counter[str]:
+        return Counter(r.json()["job"]["id"] for r in list(http_sink.requests))
+
+    await wait_for(
+        lambda: len(finals()) >= len(accepted), timeout=120, what="a job.final for every job"
+    )
+    events = Counter(r.json()["event_id"] for r in list(http_sink.requests))
+    assert set(finals()) == set(accepted.values())
+    assert [job for job, n in finals().items() if n != 1] == [], "one job.final per job"
+    assert [event for event, n in events.items() if n != 1] == [], "each event posted once"

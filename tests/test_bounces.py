@@ -8,9 +8,10 @@ import contextlib
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from notifier.bounces import (
 from notifier.bounces.dsn import is_dsn, parse_message
 from notifier.settings import SettingsError, load_settings
 from tests.support.dovecot import SCHEMES, DovecotServer
+from tests.support.server import LineConnection, running_server
 from tests.support.waiting import wait_for
 
 DATA = Path(__file__).parent / "data" / "bounces"
@@ -408,3 +410,43 @@ async def forwarding(sock: socket.socket, upstream_port: int) -> AsyncIterator[N
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
         await server.wait_closed()
+
+
+# --- through the running service: a hard bounce suppresses the address -----------------------
+
+
+async def test_a_hard_bounce_in_the_mailbox_suppresses_the_address(
+    tmp_path: Path, dovecot: DovecotServer
+) -> None:
+    to = "No Such User <No.Such.User@example.org>"
+    email = {"channel": "email", "to": to, "subject": "Hi", "text": "x"}
+    async with running_server(
+        tmp_path, bounce_mailbox=dovecot.url("imap"), bounce_poll_interval=0.1
+    ) as server:
+        conn = await LineConnection.open(server.port)
+
+        async def status_when(job_id: str, done: Callable[[dict[str, Any]], bool]) -> Any:
+            answer = await conn.request({"op": "status", "id": job_id})
+            return answer if done(answer) else None
+
+        sent = await conn.request(email)
+        await wait_for(lambda: status_when(sent["id"], lambda a: a["status"] == "delivered"))
+        report = sample("postfix-user-unknown.eml").replace(
+            b"0b8f1c2ad3e94f5a8b7c6d5e4f3a2b10@notify.example.com",
+            f"{sent['id']}@localhost".encode(),
+        )
+        dovecot.deliver(report)
+        answer = await wait_for(
+            lambda: status_when(sent["id"], lambda a: "receipts" in a), what="the bounce"
+        )
+        receipt = answer["receipts"][to]
+        assert receipt["state"] == "bounced" and receipt["reason"].startswith("5.1.1")
+        await wait_for(lambda: not dovecot.messages(), what="the report deleted")
+        assert await server.service.store.suppressed({"no.such.user@example.org"})
+        again = await conn.request(email)
+        failed = await wait_for(
+            lambda: status_when(again["id"], lambda a: a["status"] == "failed"),
+            what="the next email to it failed at once",
+        )
+        assert "suppressed" in failed["last_error"]
+        await conn.close()

@@ -186,7 +186,7 @@ async def test_a_store_is_built_from_its_settings_not_the_environment(
 
 
 def test_an_unknown_scheme_is_named(tmp_path: Path) -> None:
-    settings = isolated_settings(tmp_path, database_url="mysql://db/notifier")
+    settings = isolated_settings(tmp_path).model_copy(update={"database_url": "mysql://db/x"})
     with pytest.raises(ValueError, match=r"NOTIFIER_DATABASE_URL: unknown scheme 'mysql'"):
         open_store(settings)
 

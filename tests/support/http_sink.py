@@ -74,6 +74,9 @@ Responder = Callable[[Recorded], Reply]
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: A gateway's listen backlog, not socketserver's 5: connections over it are reset, which
+    #: would read as a provider failing (and open its circuit) when only the sink is busy.
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up mid-request (timeouts, killed instances) is not news."""

@@ -106,6 +106,10 @@ class Sizes:
     e2e_jobs: int = 1_500
     backlog: int = 200_000
     small_backlog: int = 1_000
+    #: Scenario 10: normal jobs queued ahead, and high jobs sent at a steady rate meanwhile.
+    priority_backlog: int = 3_000
+    priority_jobs: int = 100
+    priority_rate: float = 20.0
 
 
 QUICK = Sizes(
@@ -118,6 +122,8 @@ QUICK = Sizes(
     sms_per_message=10,
     e2e_jobs=200,
     backlog=10_000,
+    priority_backlog=400,
+    priority_jobs=20,
 )
 
 #: What a user sending to a provider that answers in tens of milliseconds would set: enough
@@ -206,8 +212,9 @@ class Bench:
         }
 
     @contextmanager
-    def notifier(self, **settings: str) -> Iterator[Served]:
-        """``notifier serve`` in its own process, on a fresh SQLite file and a free port."""
+    def notifier(self, *, tuned: bool = True, **settings: str) -> Iterator[Served]:
+        """``notifier serve`` in its own process, on a fresh SQLite file and a free port;
+        with the bench's NOTIFIER_SETTINGS unless ``tuned`` is false (defaults only)."""
         port = free_port()
         home = self.work / f"notifier-{next(self._ids)}"
         home.mkdir()
@@ -217,7 +224,7 @@ class Bench:
             "NOTIFIER_DATABASE_URL": f"sqlite:///{home}/notifier.db",
             "NOTIFIER_OUTBOX_DIR": str(home / "outbox"),
             "NOTIFIER_TEMPLATES_DIR": str(home / "templates"),
-            **NOTIFIER_SETTINGS,
+            **(NOTIFIER_SETTINGS if tuned else {}),
             **settings,
         }
         argv = [sys.executable, "-m", "notifier", "serve"]

@@ -8,21 +8,32 @@ from typing import Any
 from bench.marks import mark
 
 
-def email_job(number: int, *, sent: float | None = None, send_at: str | None = None) -> bytes:
+def email_job(
+    number: int, *, sent: float | None = None, send_at: str | None = None, **fields: Any
+) -> bytes:
+    """``fields`` are more send fields (``priority``, ``callback_url``, ...)."""
     return _line(
         {
             "channel": "email",
             "to": f"Customer {number} <customer{number}@example.com>",
             "subject": f"Your order {number}",
             "text": f"Thank you for your order. {mark(number, sent)}",
+            **fields,
         },
         send_at,
     )
 
 
-def sms_job(number: int, *, sent: float | None = None, send_at: str | None = None) -> bytes:
+def sms_job(
+    number: int, *, sent: float | None = None, send_at: str | None = None, **fields: Any
+) -> bytes:
     return _line(
-        {"channel": "sms", "to": f"+86138{number:08d}", "text": f"Code 1234. {mark(number, sent)}"},
+        {
+            "channel": "sms",
+            "to": f"+86138{number:08d}",
+            "text": f"Code 1234. {mark(number, sent)}",
+            **fields,
+        },
         send_at,
     )
 

@@ -6,8 +6,11 @@ the store when ``/metrics`` is scraped, so it is exact rather than a running gue
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from notifier.channels.aimd import AIMDWindow
 from notifier.models import JobStatus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -72,9 +75,25 @@ class Metrics:
             registry=r,
         )
 
+        self.smtp_sessions_window = Gauge(
+            "notifier_smtp_sessions_window",
+            "SMTP sessions a relay may have in use now (the adaptive window).",
+            ["relay"],
+            registry=r,
+        )
+
+    def watch_smtp_windows(self, windows: Mapping[str, AIMDWindow]) -> None:
+        """Read each relay's window at scrape time (``SMTPChannel.windows``)."""
+        for relay, window in windows.items():
+            self.smtp_sessions_window.labels(relay).set_function(_size_of(window))
+
     def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
         for status, count in counts.items():
             self.queue_depth.labels(status.value).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _size_of(window: AIMDWindow) -> Callable[[], float]:
+    return lambda: window.size

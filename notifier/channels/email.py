@@ -34,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiosmtplib
@@ -191,6 +192,7 @@ class Relay:
         username: str | None,
         password: SecretStr | None,
         tls: ssl.SSLContext | None,
+        clock: Callable[[], float],
     ) -> None:
         self.name = f"{host}:{port}"
         self._host = host
@@ -202,12 +204,16 @@ class Relay:
         self._tls = tls
         ceiling = settings.smtp_pool_size
         self.window = AIMDWindow(
-            floor=min(WINDOW_FLOOR, ceiling), ceiling=ceiling, prompt=settings.smtp_timeout / 10
+            floor=min(WINDOW_FLOOR, ceiling),
+            ceiling=ceiling,
+            prompt=settings.smtp_timeout / 10,
+            clock=clock,
         )
         self.breaker = CircuitBreaker(
             self.name,
             failures=settings.circuit_failures,
             open_seconds=settings.circuit_open_seconds,
+            clock=clock,
         )
         self._idle: list[aiosmtplib.SMTP] = []
         #: Sessions connected or connecting, idle ones included.
@@ -329,7 +335,7 @@ class SMTPChannel(Channel):
 
     provider = "smtp"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         if settings.smtp_host is None:
             raise SettingsError("NOTIFIER_SMTP_HOST: required for SMTP delivery")
         self._sender = settings.smtp_from
@@ -354,6 +360,7 @@ class SMTPChannel(Channel):
             username=settings.smtp_username,
             password=settings.smtp_password,
             tls=tls if settings.smtp_security != "none" else None,
+            clock=clock,
         )
         self._relays = [primary]
         if settings.smtp_fallback_host is not None:
@@ -365,6 +372,7 @@ class SMTPChannel(Channel):
                 username=settings.smtp_fallback_username,
                 password=settings.smtp_fallback_password,
                 tls=tls if fallback_security != "none" else None,
+                clock=clock,
             )
             if fallback.name == primary.name:
                 raise SettingsError(

@@ -1,10 +1,20 @@
 """Email over SMTP (aiosmtplib); the outbox stands in while no SMTP host is configured.
 
-Sessions are pooled: at most ``NOTIFIER_SMTP_POOL_SIZE`` long-lived connections, each
-carrying many messages, because a TLS handshake plus AUTH per message costs more than the
-message. After a successful DATA the session is ready for the next MAIL FROM; after a
-refusal aiosmtplib sends RSET. A pooled session the server has dropped (idle timeout,
-``421`` "too many messages") is replaced by a fresh one for the same message, once.
+Sessions are pooled per relay, each carrying many messages, because a TLS handshake plus
+AUTH per message costs more than the message. How many may be in use is an AIMD window
+(``aimd.AIMDWindow``) between 2 and ``NOTIFIER_SMTP_POOL_SIZE``: it grows while messages
+wait and the relay answers promptly, and halves when the relay fails or refuses a session.
+After a successful DATA the session is ready for the next MAIL FROM; after a refusal
+aiosmtplib sends RSET. A pooled session the server has dropped (idle timeout, ``421`` "too
+many messages") is replaced by a fresh one for the same message, once.
+
+Relays: the primary (``NOTIFIER_SMTP_HOST``) and optionally a fallback
+(``NOTIFIER_SMTP_FALLBACK_HOST``), each behind a ``circuit.CircuitBreaker``. A relay failing
+as a whole (``_RelayFailed``: no session, a fresh session closed or answering 421) hands the
+transaction to the next relay at once; a timeout after the session was up is not handed
+over, as the first relay may have taken the message. More than
+``NOTIFIER_SMTP_MAX_RECIPIENTS`` envelope recipients go in several transactions of the same
+message, and ``Receipt.providers`` names the relay that took each recipient.
 
 Security (``NOTIFIER_SMTP_SECURITY``): ``ssl`` is implicit TLS (port 465, as 163.com and
 QQ Mail use it), ``starttls`` upgrades a plain connection (port 587 unless

@@ -101,7 +101,7 @@ class Receipt:
     provider_message_id: str | None = None
     #: Recipients refused for good while others got the message, with the reason.
     refused: dict[str, str] = field(default_factory=dict)
-    #: Recipient -> the relay or provider that took it, where a channel has several.
+    #: Which provider delivered each recipient, where a channel has several.
     providers: dict[str, str] = field(default_factory=dict)
 
 

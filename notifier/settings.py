@@ -78,8 +78,6 @@ class Settings(BaseSettings):
     smtp_fallback_security: Literal["ssl", "starttls", "none"] | None = None
     smtp_fallback_username: str | None = None
     smtp_fallback_password: SecretStr | None = None
-    circuit_failures: int = Field(5, ge=1)
-    circuit_open_seconds: float = Field(30.0, ge=0)
 
     # SMS
     sms_provider: Literal["ihuyi", "twilio", "webhook"] | None = None
@@ -88,6 +86,8 @@ class Settings(BaseSettings):
     sms_api_key: SecretStr | None = None
     sms_from: str | None = None
     sms_timeout: float = Field(15.0, gt=0)
+    circuit_failures: int = Field(5, ge=1)
+    circuit_open_seconds: float = Field(30.0, gt=0)
 
     # Logs
     log_format: Literal["text", "json"] = "text"

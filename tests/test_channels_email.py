@@ -14,6 +14,7 @@ import aiosmtplib
 import pytest
 import trustme
 
+from notifier.channels.circuit import CircuitState
 from notifier.channels.email import SMTPChannel, classify_smtp_error, create_channel
 from notifier.channels.outbox import OutboxChannel
 from notifier.errors import (
@@ -478,6 +479,7 @@ async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
         for number in (1, 2):
             await channel.send(message(number))
         assert primary.refused_sessions == 2
+        assert [c.state for c in channel.circuits] == [CircuitState.OPEN, CircuitState.CLOSED]
 
         receipt = await channel.send(message(3))  # open: the primary is not asked
         assert primary.connections == 2
@@ -488,6 +490,7 @@ async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
         probe = await channel.send(message(4))  # half-open: this one probes the primary
         after = await channel.send(message(5))  # closed again
         await channel.aclose()
+    assert channel.circuits[0].state is CircuitState.CLOSED
 
     assert len(sink.messages) == 3
     assert [m.parsed()["Message-ID"] for m in primary.messages] == [
@@ -535,10 +538,11 @@ async def test_every_circuit_open_is_transient_without_trying(
         )
         with pytest.raises(TransientDeliveryError, match="greeting refused: 421"):
             await channel.send(message(1))
-        with pytest.raises(TransientDeliveryError, match="circuit open for every relay"):
+        with pytest.raises(TransientDeliveryError, match="circuit open for every relay") as caught:
             await channel.send(message(2))
         await channel.aclose()
 
+    assert caught.value.retry_after == 30
     assert primary.connections == fallback.connections == 1
 
 

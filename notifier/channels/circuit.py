@@ -1,11 +1,14 @@
-"""A circuit breaker per provider: stop knocking on a door that keeps failing.
+"""A circuit breaker per provider, so a channel with several stops waiting on a dead one.
 
-After ``failures`` transient failures in a row the circuit opens and ``allow()`` says no,
-so deliveries go elsewhere (or wait for their retry) at once instead of each paying a
-timeout. After ``open_seconds`` one probe is let through (half-open): its success closes the
-circuit, its failure opens it for another ``open_seconds``. A probe that never reports (its
-task cancelled) does not hold the circuit half-open for ever: after another ``open_seconds``
-the next caller probes.
+Closed: every send goes through; ``failures`` consecutive transient failures open it (a
+provider that refuses our account opens it at once, ``trip``). Open: nothing goes through
+for ``open_seconds``. Then half-open: one probe goes through; its success closes the
+circuit, its failure opens it again. A probe that never reports (its delivery was
+cancelled) frees the way for another after ``open_seconds``, so the circuit cannot stick.
+
+State lives in memory, per instance: each instance learns on its own that a provider is
+down, which costs at most ``failures`` attempts each. Every transition is logged and the
+state is read by ``notifier_circuit_state`` (``Metrics.track_circuits``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal
+from enum import IntEnum
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("notifier.circuit")
 
-State = Literal["closed", "open", "half_open"]
+
+class CircuitState(IntEnum):
+    """The values are those of the ``notifier_circuit_state`` gauge."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
 
 
 class CircuitBreaker:
@@ -25,63 +34,81 @@ class CircuitBreaker:
         self,
         name: str,
         *,
-        failures: int,
-        open_seconds: float,
+        failures: int = 5,
+        open_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failures < 1:
-            raise ValueError(f"circuit {name}: failures must be at least 1, got {failures}")
-        if open_seconds < 0:
-            raise ValueError(f"circuit {name}: open_seconds must not be negative")
+        if failures < 1 or open_seconds <= 0:
+            raise ValueError("a circuit needs failures >= 1 and open_seconds > 0")
         self.name = name
-        self._threshold = failures
-        self._open_seconds = open_seconds
+        self.failures = failures
+        self.open_seconds = open_seconds
         self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._probing_since: float | None = None
+        self._state = CircuitState.CLOSED
+        self._consecutive = 0
+        self._opened_at = 0.0
+        self._probe_at: float | None = None
 
     @property
-    def state(self) -> State:
-        if self._opened_at is None:
-            return "closed"
-        if self._probing_since is not None or self._due(self._opened_at):
-            return "half_open"
-        return "open"
+    def state(self) -> CircuitState:
+        if self._state is CircuitState.OPEN and self.reopens_in() == 0.0:
+            self._move(
+                CircuitState.HALF_OPEN, "open for %gs, the next send is a probe", self.open_seconds
+            )
+        return self._state
+
+    def reopens_in(self) -> float:
+        """Seconds until an open circuit lets a probe through; 0 when it would now."""
+        if self._state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.open_seconds - self._clock())
 
     def allow(self) -> bool:
-        """Whether a call may go through now; in half-open, only the probe does."""
-        if self._opened_at is None:
+        """May a send go through now? In half-open, only one (the probe) at a time."""
+        state = self.state
+        if state is CircuitState.CLOSED:
             return True
-        since = self._probing_since if self._probing_since is not None else self._opened_at
-        if not self._due(since):
+        if state is CircuitState.OPEN:
             return False
-        self._probing_since = self._clock()
+        now = self._clock()
+        if self._probe_at is not None and now - self._probe_at < self.open_seconds:
+            return False
+        self._probe_at = now
         return True
 
-    def record_success(self) -> None:
-        if self._opened_at is not None:
-            log.info("circuit %s closed: the probe succeeded", self.name)
-        self._failures = 0
-        self._opened_at = None
-        self._probing_since = None
+    def succeeded(self) -> None:
+        """The provider answered (even to refuse the message): it is up."""
+        self._consecutive = 0
+        if self._state is not CircuitState.CLOSED:
+            self._move(CircuitState.CLOSED, "a send went through")
 
-    def record_failure(self) -> None:
-        self._failures += 1
-        if self._probing_since is not None or (
-            self._opened_at is None and self._failures >= self._threshold
-        ):
-            log.warning(
-                "circuit %s open for %gs after %d failures in a row",
-                self.name,
-                self._open_seconds,
-                self._failures,
-            )
-            self._opened_at = self._clock()
-            self._probing_since = None
+    def failed(self, reason: str) -> None:
+        """A transient failure: count it; a failed probe opens the circuit again."""
+        self._consecutive += 1
+        if self._state is CircuitState.HALF_OPEN:
+            self._open(f"the probe failed: {reason}")
+        elif self._state is CircuitState.CLOSED and self._consecutive >= self.failures:
+            self._open(f"{self._consecutive} consecutive failures, the last: {reason}")
 
-    def __repr__(self) -> str:
-        return f"CircuitBreaker({self.name!r}, state={self.state!r})"
+    def trip(self, reason: str) -> None:
+        """The provider refused our account: open now, whatever the count."""
+        self._open(reason)
 
-    def _due(self, since: float) -> bool:
-        return self._clock() - since >= self._open_seconds
+    def _open(self, reason: str) -> None:
+        self._opened_at = self._clock()
+        if self._state is CircuitState.OPEN:
+            return
+        self._move(CircuitState.OPEN, "%s; open for %gs", reason, self.open_seconds)
+
+    def _move(self, state: CircuitState, why: str, *args: object) -> None:
+        self._state = state
+        self._probe_at = None
+        level = logging.INFO if state is CircuitState.CLOSED else logging.WARNING
+        log.log(
+            level,
+            "circuit %s %s: " + why,
+            self.name,
+            state.name.lower().replace("_", "-"),
+            *args,
+            extra={"provider": self.name, "circuit": state.name.lower()},
+        )

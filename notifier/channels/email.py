@@ -219,7 +219,7 @@ class Relay:
             prompt=settings.smtp_timeout / 10,
             clock=clock,
         )
-        self.breaker = CircuitBreaker(
+        self.circuit = CircuitBreaker(
             self.name,
             failures=settings.circuit_failures,
             open_seconds=settings.circuit_open_seconds,
@@ -391,6 +391,11 @@ class SMTPChannel(Channel):
             self._relays.append(fallback)
 
     @property
+    def circuits(self) -> list[CircuitBreaker]:
+        """Each relay's circuit, for ``Metrics.track_circuits``."""
+        return [relay.circuit for relay in self._relays]
+
+    @property
     def windows(self) -> dict[str, AIMDWindow]:
         """Each relay's session window by relay name, for ``Metrics.watch_smtp_windows``."""
         return {relay.name: relay.window for relay in self._relays}
@@ -430,26 +435,29 @@ class SMTPChannel(Channel):
         """One transaction on the first relay whose circuit lets it through and that works."""
         failed: _RelayFailed | None = None
         for relay in self._relays:
-            if not relay.breaker.allow():
+            if not relay.circuit.allow():
                 continue
             try:
                 refused, reply = await relay.transact(self._sender_address, recipients, data)
             except _RelayFailed as exc:
-                relay.breaker.record_failure()
+                relay.circuit.failed(exc.error.message)
                 if not exc.failover:
                     raise exc.error from exc.__cause__
                 log.warning("smtp: relay %s failed: %s", relay.name, exc.error.message)
                 failed = exc
                 continue
             except DeliveryError:
-                relay.breaker.record_success()  # it answered: the message was refused
+                relay.circuit.succeeded()  # it answered: the message was refused
                 raise
-            relay.breaker.record_success()
+            relay.circuit.succeeded()
             return relay, refused, reply
         if failed is not None:
             raise failed.error from failed.__cause__
         names = ", ".join(relay.name for relay in self._relays)
-        raise TransientDeliveryError(f"smtp: circuit open for every relay ({names})")
+        wait = min(relay.circuit.reopens_in() for relay in self._relays)
+        raise TransientDeliveryError(
+            f"smtp: circuit open for every relay ({names})", retry_after=wait or None
+        )
 
 
 class _Sent:

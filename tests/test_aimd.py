@@ -53,11 +53,26 @@ async def test_it_starts_at_the_floor_and_makes_the_next_caller_wait(
     third.cancel()
 
 
-async def test_prompt_successes_under_demand_grow_it_by_one_per_window(
+async def test_a_prompt_success_under_demand_grows_it_by_one(
     clock: FakeClock, stack: AsyncExitStack
 ) -> None:
     limits = window(clock)
     first, second = await held(limits, 2, stack)  # full: demand
+
+    first.succeeded()
+    assert limits.size == 3
+    second.succeeded()  # a slot is free now: no demand
+
+    assert limits.size == 3
+
+
+async def test_after_push_back_it_grows_by_one_per_window(
+    clock: FakeClock, stack: AsyncExitStack
+) -> None:
+    limits = window(clock)
+    async with limits.slot() as refused:
+        refused.overloaded()  # at the floor already, but the window has seen push-back
+    first, second = await held(limits, 2, stack)
 
     first.succeeded()
     assert limits.size == 2  # half a window's worth

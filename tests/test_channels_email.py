@@ -587,3 +587,19 @@ async def test_a_failed_transaction_leaves_only_its_recipients_and_later_ones_to
 def test_a_fallback_that_is_the_primary_is_refused(ca_file: Path) -> None:
     with pytest.raises(SettingsError, match=r"NOTIFIER_SMTP_FALLBACK_HOST: 127\.0\.0\.1:2525"):
         SMTPChannel(fallback_to(SMTPSink(port=2525), 2525, ca_file))
+
+
+async def test_a_timeout_once_the_message_is_sent_is_not_handed_to_the_fallback(
+    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with running_smtp_sink("ssl", tls_ca) as slow:
+        slow.data_delay = 30  # longer than smtp_timeout: the reply to DATA never comes in time
+        channel = SMTPChannel(
+            fallback_to(sink, slow.port, ca_file, smtp_timeout=0.3, circuit_failures=1)
+        )
+        with pytest.raises(DeliveryTimeout):
+            await channel.send(message())
+        await channel.aclose()
+
+    assert sink.connections == 0
+    assert channel.circuits[0].state is CircuitState.OPEN

@@ -2,9 +2,12 @@
 
 A fixed pool is either too small for a fast relay or too large for one that limits its
 clients, so the number of sessions (or requests) in flight moves between a floor and a
-ceiling: it grows by one per window's worth of prompt successes while callers are waiting
-for a slot, and halves when the far end pushes back (a refusal, a failed connection, a
-timeout). Postfix starts each destination at 2 sessions for the same reason.
+ceiling. While every slot is taken (callers wait) and answers come promptly it grows: by one
+per success until the far end first pushes back (TCP's slow start, so a fresh window reaches
+a fast relay's pace within a few rounds), then by one per window's worth of successes
+(congestion avoidance, so it does not hammer a relay that just refused). It halves when the
+far end pushes back: a refusal, a failed connection, a timeout. Postfix starts each
+destination at 2 sessions for the same reason.
 
 One push-back episode shrinks the window once: a failure counts only if its slot was taken
 after the last decrease, so ten sessions refused at the same moment halve the window once,
@@ -101,7 +104,8 @@ class AIMDWindow:
     def _grow(self, slot: Slot) -> None:
         in_demand = bool(self._waiters) or self.in_use >= self.size
         if in_demand and self._clock() - slot.started <= self.prompt:
-            self._limit = min(float(self.ceiling), self._limit + 1 / self.size)
+            step = 1.0 if self._epoch == 0 else 1 / self.size
+            self._limit = min(float(self.ceiling), self._limit + step)
             self._wake()
 
     def _shrink(self, slot: Slot) -> None:

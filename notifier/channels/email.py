@@ -184,6 +184,18 @@ class _RelayFailed(Exception):
         self.failover = failover
 
 
+def _session_failure(
+    exc: BaseException, recipients: dict[str, str], *, fresh: bool
+) -> DeliveryError | _RelayFailed:
+    """What a failed transaction on a connected session means for the relay."""
+    error = classify_smtp_error(exc, recipients)
+    if fresh and _stale(exc):  # a new session closed or answered 421: the relay is going away
+        return _RelayFailed(error)
+    if isinstance(error, DeliveryTimeout):  # DATA may have arrived: no failover
+        return _RelayFailed(error, failover=False)
+    return error
+
+
 def _batches(recipients: dict[str, str], size: int) -> list[dict[str, str]]:
     items = list(recipients.items())
     return [dict(items[start : start + size]) for start in range(0, len(items), size)]
@@ -268,19 +280,14 @@ class Relay:
                 return await self._sendmail(self._idle.pop(), sender, recipients, data)
             except (aiosmtplib.SMTPException, OSError) as exc:
                 if not _stale(exc):
-                    raise classify_smtp_error(exc, recipients) from exc
+                    raise _session_failure(exc, recipients, fresh=False) from exc
                 log.info("smtp: pooled session to %s went away (%s), reconnecting", self.name, exc)
         client = self._new_client()
         await self._connect(client, recipients)
         try:
             return await self._sendmail(client, sender, recipients, data)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            error = classify_smtp_error(exc, recipients)
-            if _stale(exc):  # a fresh session closed: the relay is going away
-                raise _RelayFailed(error) from exc
-            if isinstance(error, DeliveryTimeout):  # DATA may have arrived: no failover
-                raise _RelayFailed(error, failover=False) from exc
-            raise error from exc
+            raise _session_failure(exc, recipients, fresh=True) from exc
 
     async def _connect(self, client: aiosmtplib.SMTP, recipients: dict[str, str]) -> None:
         try:

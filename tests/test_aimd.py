@@ -28,6 +28,13 @@ async def held(window: AIMDWindow, count: int, stack: AsyncExitStack) -> list[Sl
     return [await stack.enter_async_context(window.slot()) for _ in range(count)]
 
 
+async def queued(limits: AIMDWindow, stack: AsyncExitStack) -> asyncio.Task[list[Slot]]:
+    """A caller waiting for a slot of the full window."""
+    task = asyncio.create_task(held(limits, 1, stack))
+    await wait_for(lambda: limits.waiting == 1, what="a waiter")
+    return task
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -45,8 +52,7 @@ async def test_it_starts_at_the_floor_and_makes_the_next_caller_wait(
     limits = window(clock)
     await held(limits, 2, stack)
 
-    third = asyncio.create_task(held(limits, 1, stack))
-    await wait_for(lambda: limits.waiting == 1, what="a waiter")
+    third = await queued(limits, stack)
 
     assert limits.size == 2 and limits.in_use == 2
     assert not third.done()
@@ -101,8 +107,7 @@ async def test_growth_stops_at_the_ceiling_and_lets_waiters_in(
 ) -> None:
     limits = window(clock, ceiling=3)
     slots = await held(limits, 2, stack)
-    waiter = asyncio.create_task(held(limits, 1, stack))
-    await wait_for(lambda: limits.waiting == 1, what="a waiter")
+    waiter = await queued(limits, stack)
 
     for _ in range(20):
         slots[0].succeeded()
@@ -151,8 +156,7 @@ async def test_a_cancelled_waiter_gives_its_place_away(
 ) -> None:
     limits = window(clock)
     await held(limits, 2, stack)
-    doomed = asyncio.create_task(held(limits, 1, stack))
-    await wait_for(lambda: limits.waiting == 1, what="a waiter")
+    doomed = await queued(limits, stack)
 
     doomed.cancel()
     await asyncio.gather(doomed, return_exceptions=True)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -466,16 +467,32 @@ async def test_without_a_fallback_a_refusing_relay_is_a_transient_error(
     await channel.aclose()
 
 
-async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
-    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
-) -> None:
+@asynccontextmanager
+async def behind_a_refusing_primary(
+    fallback: SMTPSink, tls_ca: trustme.CA, ca_file: Path, *, failures: int
+) -> AsyncIterator[tuple[SMTPSink, SMTPChannel, FakeClock]]:
+    """A channel whose primary answers every session 421, its circuits on a fake clock."""
     clock = FakeClock()
     async with running_smtp_sink("ssl", tls_ca) as primary:
         primary.max_sessions = 0
-        channel = SMTPChannel(
-            fallback_to(sink, primary.port, ca_file, circuit_failures=2, circuit_open_seconds=30),
-            clock=clock,
+        config = fallback_to(
+            fallback, primary.port, ca_file, circuit_failures=failures, circuit_open_seconds=30
         )
+        channel = SMTPChannel(config, clock=clock)
+        try:
+            yield primary, channel, clock
+        finally:
+            await channel.aclose()
+
+
+async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
+    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with behind_a_refusing_primary(sink, tls_ca, ca_file, failures=2) as (
+        primary,
+        channel,
+        clock,
+    ):
         for number in (1, 2):
             await channel.send(message(number))
         assert primary.refused_sessions == 2
@@ -489,7 +506,6 @@ async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
         clock.now += 30
         probe = await channel.send(message(4))  # half-open: this one probes the primary
         after = await channel.send(message(5))  # closed again
-        await channel.aclose()
     assert channel.circuits[0].state is CircuitState.CLOSED
 
     assert len(sink.messages) == 3
@@ -507,18 +523,15 @@ async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
 async def test_a_failed_probe_opens_the_circuit_again(
     sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
 ) -> None:
-    clock = FakeClock()
-    async with running_smtp_sink("ssl", tls_ca) as primary:
-        primary.max_sessions = 0
-        channel = SMTPChannel(
-            fallback_to(sink, primary.port, ca_file, circuit_failures=1, circuit_open_seconds=30),
-            clock=clock,
-        )
+    async with behind_a_refusing_primary(sink, tls_ca, ca_file, failures=1) as (
+        primary,
+        channel,
+        clock,
+    ):
         await channel.send(message(1))
         clock.now += 30
         await channel.send(message(2))  # the probe fails, the fallback delivers
         await channel.send(message(3))
-        await channel.aclose()
 
     assert primary.refused_sessions == 2
     assert len(sink.messages) == 3

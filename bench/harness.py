@@ -130,8 +130,6 @@ QUICK = Sizes(
 #: SMTP sessions and HTTP requests in flight to cover the provider's latency. The fault run
 #: also shortens NOTIFIER_RETRY_BASE_DELAY (default 2 s) to FAULT_SETTINGS.
 NOTIFIER_SETTINGS = {
-    "NOTIFIER_EMAIL_CONCURRENCY": "32",
-    "NOTIFIER_SMTP_POOL_SIZE": "16",
     "NOTIFIER_SMS_CONCURRENCY": "32",
     "NOTIFIER_MAX_PIPELINE": "1000",
 }

@@ -6,12 +6,13 @@ the store when ``/metrics`` is scraped, so it is exact rather than a running gue
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from notifier.channels.aimd import AIMDWindow
 from notifier.channels.circuit import CircuitBreaker
 from notifier.models import JobStatus
 
@@ -96,10 +97,21 @@ class Metrics:
             ["provider", "reason"],
             registry=r,
         )
+        self.smtp_sessions_window = Gauge(
+            "notifier_smtp_sessions_window",
+            "SMTP sessions a relay may have in use now (the adaptive window).",
+            ["relay"],
+            registry=r,
+        )
 
     def track_circuits(self, circuits: Iterable[CircuitBreaker]) -> None:
         """Show these providers' circuits in ``notifier_circuit_state`` from now on."""
         self._circuits.circuits.extend(circuits)
+
+    def watch_smtp_windows(self, windows: Mapping[str, AIMDWindow]) -> None:
+        """Read each relay's window at scrape time (``Channel.windows``)."""
+        for relay, window in windows.items():
+            self.smtp_sessions_window.labels(relay).set_function(_size_of(window))
 
     def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
         for status, count in counts.items():
@@ -131,3 +143,7 @@ class _CircuitCollector(Collector):
             "Each provider's circuit: 0 closed, 1 half-open, 2 open.",
             labels=["provider"],
         )
+
+
+def _size_of(window: AIMDWindow) -> Callable[[], float]:
+    return lambda: window.size

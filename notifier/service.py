@@ -138,6 +138,7 @@ class Service:
                 continue
             stack.push_async_callback(channel.aclose)
             self.metrics.track_circuits(channel.circuits)
+            self.metrics.watch_smtp_windows(channel.windows)
             channels[name] = channel
         if problems:
             raise SettingsError(*problems)

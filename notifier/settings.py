@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     delivery_timeout: float = Field(60.0, gt=0)
     lease_seconds: float = Field(120.0, gt=0)
     poll_interval: float = Field(1.0, gt=0)
-    email_concurrency: int = Field(16, ge=1)
+    email_concurrency: int = Field(32, ge=1)
     sms_concurrency: int = Field(32, ge=1)
 
     # Templates and outbox
@@ -132,7 +132,13 @@ class Settings(BaseSettings):
     smtp_from: str = "notifier@localhost"
     smtp_ca_file: Path | None = None
     smtp_timeout: float = Field(30.0, gt=0)
-    smtp_pool_size: int = Field(4, ge=1)
+    smtp_pool_size: int = Field(32, ge=1)
+    smtp_max_recipients: int = Field(100, ge=1)
+    smtp_fallback_host: str | None = None
+    smtp_fallback_port: int | None = Field(None, ge=1, le=65535)
+    smtp_fallback_security: Literal["ssl", "starttls", "none"] | None = None
+    smtp_fallback_username: str | None = None
+    smtp_fallback_password: SecretStr | None = None
 
     # SMS: one provider or several, tried in order (comma-separated); the unprefixed
     # settings are the first provider's, NOTIFIER_SMS_<NAME>_* any provider's own.
@@ -220,6 +226,11 @@ class Settings(BaseSettings):
         "sms_url",
         "smtp_username",
         "smtp_password",
+        "smtp_fallback_host",
+        "smtp_fallback_port",
+        "smtp_fallback_security",
+        "smtp_fallback_username",
+        "smtp_fallback_password",
         "sms_account",
         "sms_api_key",
         "sms_from",

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import aiosmtplib
 import pytest
 import trustme
 
+from notifier.channels.circuit import CircuitState
 from notifier.channels.email import SMTPChannel, classify_smtp_error, create_channel
 from notifier.channels.outbox import OutboxChannel
 from notifier.errors import (
@@ -22,9 +25,10 @@ from notifier.errors import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from notifier.metrics import Metrics
 from notifier.models import Message
-from notifier.settings import Settings
-from tests.support.smtp import DROP, SMTPSink, running_smtp_sink
+from notifier.settings import Settings, SettingsError
+from tests.support.smtp import DROP, PASS, SMTPSink, running_smtp_sink
 from tests.support.waiting import wait_for
 
 SENDER = "通知中心 <notify@example.com>"
@@ -362,3 +366,253 @@ def test_default_port_follows_the_security_mode(security: str, port: int) -> Non
     channel = SMTPChannel(Settings(_env_file=None, **values))  # type: ignore[call-arg]
 
     assert channel.port == port
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nobody listens on: a relay that is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fallback_to(sink: SMTPSink, primary_port: int, ca_file: Path, **overrides: Any) -> Settings:
+    return settings(
+        primary_port,
+        ca_file,
+        smtp_fallback_host="127.0.0.1",
+        smtp_fallback_port=sink.port,
+        **overrides,
+    )
+
+
+async def test_the_session_window_grows_while_a_prompt_relay_has_work_waiting(
+    sink: SMTPSink, ca_file: Path
+) -> None:
+    sink.data_delay = 0.02
+    channel = SMTPChannel(settings(sink.port, ca_file, smtp_pool_size=8))
+    (window,) = channel.windows.values()
+    assert window.size == 2
+
+    await asyncio.gather(*(channel.send(message(n)) for n in range(1, 121)))
+    await channel.aclose()
+
+    assert len(sink.messages) == 120
+    assert window.size > 2
+    assert 2 < sink.peak_sessions <= 8
+
+
+async def test_the_session_window_shrinks_when_the_relay_refuses_more_sessions(
+    sink: SMTPSink, ca_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.data_delay = 0.02
+    sink.max_sessions = 3
+    channel = SMTPChannel(settings(sink.port, ca_file, smtp_pool_size=8))
+    (window,) = channel.windows.values()
+
+    with caplog.at_level(logging.INFO, logger="notifier.channels.email"):
+        await asyncio.gather(*(channel.send(message(n)) for n in range(1, 121)))
+    await channel.aclose()
+
+    assert len(sink.messages) == 120
+    assert sink.refused_sessions >= 1
+    assert "refused another session" in caplog.text
+    assert window.size <= 4
+
+
+async def test_the_window_is_exported_as_a_gauge(channel: SMTPChannel, sink: SMTPSink) -> None:
+    metrics = Metrics()
+    metrics.watch_smtp_windows(channel.windows)
+
+    rendered = metrics.render().decode()
+
+    assert f'notifier_smtp_sessions_window{{relay="127.0.0.1:{sink.port}"}} 2.0' in rendered
+
+
+@pytest.mark.parametrize("primary", ["down", "421"])
+async def test_a_failing_primary_hands_the_message_to_the_fallback_at_once(
+    primary: str, sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with running_smtp_sink("ssl", tls_ca) as refusing:
+        refusing.max_sessions = 0
+        port = closed_port() if primary == "down" else refusing.port
+        channel = SMTPChannel(fallback_to(sink, port, ca_file))
+        receipt = await channel.send(message())
+        await channel.aclose()
+
+    assert len(sink.messages) == 1
+    assert refusing.messages == []
+    assert receipt.providers == {
+        "张三 <zhang.san@example.com>": f"127.0.0.1:{sink.port}",
+        "audit@example.com": f"127.0.0.1:{sink.port}",
+    }
+
+
+async def test_without_a_fallback_a_refusing_relay_is_a_transient_error(
+    sink: SMTPSink, ca_file: Path
+) -> None:
+    sink.max_sessions = 0
+    channel = SMTPChannel(settings(sink.port, ca_file))
+
+    with pytest.raises(TransientDeliveryError, match="greeting refused: 421"):
+        await channel.send(message())
+    await channel.aclose()
+
+
+@asynccontextmanager
+async def behind_a_refusing_primary(
+    fallback: SMTPSink, tls_ca: trustme.CA, ca_file: Path, *, failures: int
+) -> AsyncIterator[tuple[SMTPSink, SMTPChannel, FakeClock]]:
+    """A channel whose primary answers every session 421, its circuits on a fake clock."""
+    clock = FakeClock()
+    async with running_smtp_sink("ssl", tls_ca) as primary:
+        primary.max_sessions = 0
+        config = fallback_to(
+            fallback, primary.port, ca_file, circuit_failures=failures, circuit_open_seconds=30
+        )
+        channel = SMTPChannel(config, clock=clock)
+        try:
+            yield primary, channel, clock
+        finally:
+            await channel.aclose()
+
+
+async def test_the_circuit_opens_on_failures_and_a_half_open_probe_closes_it(
+    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with behind_a_refusing_primary(sink, tls_ca, ca_file, failures=2) as (
+        primary,
+        channel,
+        clock,
+    ):
+        for number in (1, 2):
+            await channel.send(message(number))
+        assert primary.refused_sessions == 2
+        assert [c.state for c in channel.circuits] == [CircuitState.OPEN, CircuitState.CLOSED]
+
+        receipt = await channel.send(message(3))  # open: the primary is not asked
+        assert primary.connections == 2
+        assert set(receipt.providers.values()) == {f"127.0.0.1:{sink.port}"}
+
+        primary.max_sessions = None
+        clock.now += 30
+        probe = await channel.send(message(4))  # half-open: this one probes the primary
+        after = await channel.send(message(5))  # closed again
+    assert channel.circuits[0].state is CircuitState.CLOSED
+
+    assert len(sink.messages) == 3
+    assert [m.parsed()["Message-ID"] for m in primary.messages] == [
+        "<fixed.4@example.com>",
+        "<fixed.5@example.com>",
+    ]
+    assert (
+        set(probe.providers.values())
+        == set(after.providers.values())
+        == {f"127.0.0.1:{primary.port}"}
+    )
+
+
+async def test_a_failed_probe_opens_the_circuit_again(
+    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with behind_a_refusing_primary(sink, tls_ca, ca_file, failures=1) as (
+        primary,
+        channel,
+        clock,
+    ):
+        await channel.send(message(1))
+        clock.now += 30
+        await channel.send(message(2))  # the probe fails, the fallback delivers
+        await channel.send(message(3))
+
+    assert primary.refused_sessions == 2
+    assert len(sink.messages) == 3
+
+
+async def test_every_circuit_open_is_transient_without_trying(
+    tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    clock = FakeClock()
+    async with (
+        running_smtp_sink("ssl", tls_ca) as primary,
+        running_smtp_sink("ssl", tls_ca) as fallback,
+    ):
+        primary.max_sessions = fallback.max_sessions = 0
+        channel = SMTPChannel(
+            fallback_to(fallback, primary.port, ca_file, circuit_failures=1), clock=clock
+        )
+        with pytest.raises(TransientDeliveryError, match="greeting refused: 421"):
+            await channel.send(message(1))
+        with pytest.raises(TransientDeliveryError, match="circuit open for every relay") as caught:
+            await channel.send(message(2))
+        await channel.aclose()
+
+    assert caught.value.retry_after == 30
+    assert primary.connections == fallback.connections == 1
+
+
+def crowd(count: int) -> tuple[str, ...]:
+    return tuple(f"Reader {n} <reader{n}@example.com>" for n in range(count))
+
+
+async def test_many_recipients_go_in_several_transactions_each_once(
+    channel: SMTPChannel, sink: SMTPSink
+) -> None:
+    receipt = await channel.send(message(to=crowd(249)))  # and the bcc: 250
+
+    assert [len(m.rcpt_tos) for m in sink.messages] == [100, 100, 50]
+    addresses = [address for m in sink.messages for address in m.rcpt_tos]
+    assert sorted(addresses) == sorted(
+        [f"reader{n}@example.com" for n in range(249)] + ["audit@example.com"]
+    )
+    assert {m.parsed()["Message-ID"] for m in sink.messages} == {"<fixed.1@example.com>"}
+    assert len(receipt.provider_ids) == 250
+    assert receipt.provider_message_id is not None
+    assert receipt.provider_message_id.count("queued as") == 3
+
+
+async def test_a_failed_transaction_leaves_only_its_recipients_and_later_ones_to_retry(
+    channel: SMTPChannel, sink: SMTPSink
+) -> None:
+    job = message(to=crowd(249))
+    sink.fail_next("DATA", PASS)
+    sink.fail_next("DATA", "451 4.3.0 try again later")
+
+    with pytest.raises(TransientDeliveryError, match="DATA refused: 451") as caught:
+        await channel.send(job)
+    first = set(caught.value.delivered)
+    retry = await channel.send(replace(job, skip=tuple(first)))
+
+    assert len(first) == 100
+    assert [len(m.rcpt_tos) for m in sink.messages] == [100, 100, 50]
+    assert first.isdisjoint(retry.provider_ids)
+    assert len(first | set(retry.provider_ids)) == 250
+
+
+def test_a_fallback_that_is_the_primary_is_refused(ca_file: Path) -> None:
+    with pytest.raises(SettingsError, match=r"NOTIFIER_SMTP_FALLBACK_HOST: 127\.0\.0\.1:2525"):
+        SMTPChannel(fallback_to(SMTPSink(port=2525), 2525, ca_file))
+
+
+async def test_a_timeout_once_the_message_is_sent_is_not_handed_to_the_fallback(
+    sink: SMTPSink, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with running_smtp_sink("ssl", tls_ca) as slow:
+        slow.data_delay = 30  # longer than smtp_timeout: the reply to DATA never comes in time
+        channel = SMTPChannel(
+            fallback_to(sink, slow.port, ca_file, smtp_timeout=0.3, circuit_failures=1)
+        )
+        with pytest.raises(DeliveryTimeout):
+            await channel.send(message())
+        await channel.aclose()
+
+    assert sink.connections == 0
+    assert channel.circuits[0].state is CircuitState.OPEN

@@ -8,8 +8,9 @@ whether trying again can help; the dispatcher does the rest.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from notifier.channels.aimd import AIMDWindow
 from notifier.channels.circuit import CircuitBreaker
 from notifier.models import Message, Receipt
 
@@ -36,3 +37,8 @@ class Channel(ABC):
     def circuits(self) -> Sequence[CircuitBreaker]:
         """The circuit breakers of the providers behind the channel, shown in metrics."""
         return ()
+
+    @property
+    def windows(self) -> Mapping[str, AIMDWindow]:
+        """The adaptive concurrency window of each relay or provider, shown in metrics."""
+        return {}

@@ -5,11 +5,16 @@ required before MAIL) and ``none``, with trustme certificates. Faults are inject
 
 - by a marker in a recipient's local part: ``refuse-550@...`` (or any 4xx/5xx code) is
   refused at RCPT TO with that code;
-- by script: ``sink.fail_next("DATA", "451 4.3.0 try later")`` answers the next DATA so, and
-  ``sink.fail_next("MAIL", DROP)`` closes the connection instead of answering.
+- by script: ``sink.fail_next("DATA", "451 4.3.0 try later")`` answers the next DATA so,
+  ``sink.fail_next("MAIL", DROP)`` closes the connection instead of answering, and
+  ``sink.fail_next("DATA", PASS)`` lets one through before the next scripted reply;
+- by limits: ``sink.max_sessions = 3`` greets a fourth concurrent session with ``421 too many
+  connections`` (``0``: every session, a relay that is up but refuses service), and
+  ``sink.data_delay`` answers each DATA that many seconds late, like a relay that queues.
 
-The sink records every accepted message (envelope and raw bytes), the connections made and
-the logins, so tests can check what arrived and how many sessions carried it.
+The sink records every accepted message (envelope and raw bytes), the connections made, the
+most sessions open at once and the logins, so tests can check what arrived and how many
+sessions carried it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ Security = Literal["ssl", "starttls", "none"]
 
 #: A scripted reply that closes the connection without answering.
 DROP = "drop"
+#: A scripted reply that answers as if nothing were scripted.
+PASS = "pass"
+
+TOO_MANY = "421 4.7.0 too many connections, try later"
 
 _MARKER = re.compile(r"^refuse-([45]\d\d)@")
 
@@ -60,6 +69,11 @@ class SMTPSink:
     connections: int = 0
     logins: list[str] = field(default_factory=list)
     quits: int = 0
+    max_sessions: int | None = None
+    data_delay: float = 0.0
+    sessions: int = 0
+    peak_sessions: int = 0
+    refused_sessions: int = 0
     _script: dict[str, deque[str]] = field(default_factory=lambda: defaultdict(deque))
 
     def fail_next(self, command: str, reply: str) -> None:
@@ -70,6 +84,8 @@ class SMTPSink:
         if not self._script[command]:
             return None
         reply = self._script[command].popleft()
+        if reply == PASS:
+            return None
         if reply == DROP:
             assert server.transport is not None
             server.transport.close()
@@ -102,6 +118,8 @@ class SMTPSink:
         if (reply := self._scripted(server, "DATA")) is not None:
             return reply
         assert envelope.mail_from is not None and isinstance(envelope.content, bytes)
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)  # the relay's latency, not a synchronisation
         self.messages.append(
             ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
         )
@@ -120,6 +138,29 @@ class SMTPSink:
             return AuthResult(success=False, handled=False)
         self.logins.append(login[0])
         return AuthResult(success=True)
+
+
+class _LimitedSMTP(SMTP):
+    """aiosmtpd's server, counting its concurrent sessions and refusing those past the limit."""
+
+    def __init__(self, sink: SMTPSink, **options: Any) -> None:
+        super().__init__(sink, **options)
+        self._sink = sink
+
+    async def _handle_client(self) -> None:
+        sink = self._sink
+        if sink.max_sessions is not None and sink.sessions >= sink.max_sessions:
+            sink.refused_sessions += 1
+            await self.push(TOO_MANY)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        sink.sessions += 1
+        sink.peak_sessions = max(sink.peak_sessions, sink.sessions)
+        try:
+            await super()._handle_client()
+        finally:
+            sink.sessions -= 1
 
 
 def server_context(ca: trustme.CA) -> ssl.SSLContext:
@@ -142,7 +183,7 @@ async def running_smtp_sink(
 
     def protocol() -> SMTP:
         sink.connections += 1
-        return SMTP(
+        return _LimitedSMTP(
             sink,
             hostname="sink.test",
             loop=loop,

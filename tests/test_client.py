@@ -472,7 +472,7 @@ async def _store_fails(
 
 
 async def _three_pings(client: Driver, *_: Any) -> None:
-    for _ in range(3):
+    for _ping in range(3):
         await client("ping")
 
 

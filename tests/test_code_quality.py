@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "notifier", "tests", "bench"],
-        ["ruff", "format", "--check", "notifier", "tests", "bench"],
+        ["ruff", "check", "notifier", "tests", "bench", "scripts"],
+        ["ruff", "format", "--check", "notifier", "tests", "bench", "scripts"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

@@ -77,8 +77,9 @@ async def job(store: Store, job_id: str) -> Job:
 def dispatcher(store: Store, channel: Channel, tmp_path: Path, **settings: object) -> Dispatcher:
     values: dict[str, object] = {"retry_base_delay": 0.0, "retry_max_delay": 0.0}
     values.update(settings)
-    settings = isolated_settings(tmp_path, **values)
-    return Dispatcher(store, {"sms": channel}, settings, metrics=Metrics())
+    return Dispatcher(
+        store, {"sms": channel}, isolated_settings(tmp_path, **values), metrics=Metrics()
+    )
 
 
 async def test_transient_failures_are_retried_until_delivered(store: Store, tmp_path: Path) -> None:

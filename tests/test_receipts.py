@@ -108,8 +108,10 @@ async def http(sink: Sink, metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]
         yield client
 
 
-def twilio_headers(params: dict[str, str], *, url: str = TWILIO_URL, token: str = AUTH_TOKEN):
-    signature = RequestValidator(token).compute_signature(url, params)
+def twilio_headers(
+    params: dict[str, str], *, url: str = TWILIO_URL, token: str = AUTH_TOKEN
+) -> dict[str, str]:
+    signature: str = RequestValidator(token).compute_signature(url, params)
     return {"X-Twilio-Signature": signature}
 
 

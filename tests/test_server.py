@@ -69,7 +69,7 @@ async def test_error_codes(tmp_path: Path, line: bytes, code: str) -> None:
 async def test_invalid_request_names_the_field(tmp_path: Path) -> None:
     async with running_server(tmp_path) as server:
         conn = await LineConnection.open(server.port)
-        cases = {
+        cases: dict[str, dict[str, Any]] = {
             "subject": {**EMAIL, "subject": None, "ref": 1},
             "to": {**EMAIL, "to": "not an address"},
             "idempotency_key": {**EMAIL, "idempotency_key": "k" * 201},

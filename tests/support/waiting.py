@@ -5,14 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def wait_for(
-    condition: Callable[[], T | Awaitable[T]], *, timeout: float = 10.0, what: str = "condition"
-) -> T:
+    condition: Callable[[], Awaitable[T | None]], *, timeout: float = ..., what: str = ...
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    condition: Callable[[], T | None], *, timeout: float = ..., what: str = ...
+) -> T: ...
+
+
+async def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition"
+) -> Any:
     """Return the first truthy value of ``condition()``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -20,14 +32,14 @@ async def wait_for(
         if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
 
 
 def wait_for_sync(
-    condition: Callable[[], T], *, timeout: float = 10.0, what: str = "condition"
+    condition: Callable[[], T | None], *, timeout: float = 10.0, what: str = "condition"
 ) -> T:
     deadline = time.monotonic() + timeout
     while not (value := condition()):

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from notifier.channels.aimd import AIMDWindow
 from notifier.channels.circuit import CircuitBreaker
-from notifier.models import JobStatus
+from notifier.models import JobStatus, Priority
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
@@ -49,6 +49,12 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "notifier_queue_depth", "Jobs in the store by status.", ["status"], registry=r
+        )
+        self.queue_waiting = Gauge(
+            "notifier_queue_waiting",
+            "Jobs waiting to be sent (queued or retrying) by channel and priority.",
+            ["channel", "priority"],
+            registry=r,
         )
         self.intake_seconds = Histogram(
             "notifier_intake_seconds",
@@ -113,9 +119,14 @@ class Metrics:
         for relay, window in windows.items():
             self.smtp_sessions_window.labels(relay).set_function(_size_of(window))
 
-    def set_queue_depth(self, counts: dict[JobStatus, int]) -> None:
+    def set_queue_depth(
+        self, counts: dict[JobStatus, int], waiting: dict[tuple[str, Priority], int]
+    ) -> None:
         for status, count in counts.items():
             self.queue_depth.labels(status.value).set(count)
+        self.queue_waiting.clear()
+        for (channel, priority), count in waiting.items():
+            self.queue_waiting.labels(channel, priority.value).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

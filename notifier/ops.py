@@ -56,7 +56,9 @@ class OpsApp(Starlette):
 
     async def _metrics(self, request: Request) -> Response:
         try:
-            self.metrics.set_queue_depth(await self.store.count_by_status())
+            self.metrics.set_queue_depth(
+                await self.store.count_by_status(), await self.store.count_waiting()
+            )
         except StoreUnavailable as exc:
             log.warning("metrics: queue depth unavailable: %s", exc)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

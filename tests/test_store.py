@@ -795,3 +795,19 @@ async def test_a_claim_is_full_when_the_oldest_is_also_first_by_priority(store: 
     await add(store, *(new_job(delay=-5 + i) for i in range(5)))
     claimed = await store.claim("sms", owner="me", limit=3, lease_seconds=LONG, oldest=1)
     assert len(claimed) == 3
+
+
+async def test_count_waiting_by_channel_and_priority(store: Store) -> None:
+    await add(
+        store,
+        with_(new_job(), priority=Priority.HIGH),
+        with_(new_job(delay=60), priority=Priority.HIGH),
+        new_job(),
+        with_(new_job("email", to=("a@example.com",)), priority=Priority.LOW),
+    )
+    await store.claim("sms", owner="me", limit=1, lease_seconds=LONG)
+    assert await store.count_waiting() == {
+        ("sms", Priority.HIGH): 1,
+        ("sms", Priority.NORMAL): 1,
+        ("email", Priority.LOW): 1,
+    }

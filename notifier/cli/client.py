@@ -240,13 +240,13 @@ def _jobs(client: Client, args: argparse.Namespace) -> int:
         for info in jobs:
             print(json.dumps(info.as_dict(), ensure_ascii=False))
         return 0
-    columns = ("id", "channel", "status", "attempts", "updated_at", "last_error")
+    columns = ("id", "channel", "status", "priority", "attempts", "updated_at", "last_error")
     _table(columns, [info.as_dict() for info in jobs])
     return 0
 
 
 def _table(columns: tuple[str, ...], entries: list[dict[str, Any]]) -> None:
-    rows = [[_show(entry[name]) for name in columns] for entry in entries]
+    rows = [[_show(entry.get(name)) for name in columns] for entry in entries]
     widths = [max([len(name), *(len(row[i]) for row in rows)]) for i, name in enumerate(columns)]
     for row in [list(columns), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

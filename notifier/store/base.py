@@ -22,6 +22,7 @@ from notifier.models import (
     JobStatus,
     NewJob,
     Outcome,
+    Priority,
     ReceiptReport,
     Suppression,
 )
@@ -133,6 +134,10 @@ class Store(ABC):
     @abstractmethod
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Queue depth, for metrics and readiness."""
+
+    @abstractmethod
+    async def count_waiting(self) -> dict[tuple[str, Priority], int]:
+        """Waiting jobs (queued or retrying, due or not) by channel and priority."""
 
     @abstractmethod
     async def list_jobs(

@@ -173,6 +173,17 @@ def is_hard_bounce(report: ReceiptReport) -> bool:
     return report.state is ReceiptState.BOUNCED and (report.reason or "").startswith("5.")
 
 
+def waiting_counts(rows: Iterable[Iterable[Any]]) -> dict[tuple[str, Priority], int]:
+    """``(channel, priority rank, count)`` rows by channel and priority."""
+    return {(channel, Priority.of_rank(rank)): int(n) for channel, rank, n in rows}
+
+
+#: The statement behind ``count_waiting``; it reads the priority index only.
+COUNT_WAITING = (
+    f"SELECT channel, priority, count(*) FROM jobs WHERE {WAITING} GROUP BY channel, priority"
+)
+
+
 def status_counts(rows: Iterable[Iterable[Any]]) -> dict[JobStatus, int]:
     """Every status with its count from ``(status, count)`` rows; statuses without a row at 0."""
     counts = dict.fromkeys(JobStatus, 0)

@@ -30,6 +30,7 @@ from notifier.models import (
     JobStatus,
     NewJob,
     Outcome,
+    Priority,
     ReceiptReport,
     Suppression,
     bare_address,
@@ -420,6 +421,9 @@ class SQLiteStore(Store):
         return sql.status_counts(
             await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
         )
+
+    async def count_waiting(self) -> dict[tuple[str, Priority], int]:
+        return sql.waiting_counts(await self._run(sql.COUNT_WAITING))
 
     async def list_jobs(
         self, *, status: JobStatus | None, since: datetime | None, limit: int

@@ -38,6 +38,7 @@ from notifier.models import (
     JobStatus,
     NewJob,
     Outcome,
+    Priority,
     ReceiptReport,
     Suppression,
     bare_address,
@@ -503,6 +504,10 @@ class PostgresStore(Store):
                 " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
             )
         return sql.status_counts(rows)
+
+    async def count_waiting(self) -> dict[tuple[str, Priority], int]:
+        async with self._connection() as conn:
+            return sql.waiting_counts(await conn.fetch(sql.COUNT_WAITING))
 
     # -- administration ----------------------------------------------------------------------
 

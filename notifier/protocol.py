@@ -27,7 +27,6 @@ from pydantic import (
 from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownOp
 from notifier.models import JobStatus, utcnow
 
-PROTOCOL_VERSION = 1
 OPS = ("send", "status", "cancel", "ping", "auth", "jobs", "retry", "purge")
 
 Ref = StrictStr | StrictInt | StrictFloat
@@ -172,17 +171,23 @@ _MODELS: dict[str, type[_Request]] = {
 }
 
 
+#: What a JSON value that is not an object is called in JSON's own words.
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
 def decode_line(line: bytes) -> dict[str, Any]:
     """The JSON object of one request line (without its newline).
 
     pydantic-core's parser: several times faster than ``json`` on the intake's hot path.
+    Valid JSON of another kind is a wrong request, not broken JSON (PROTOCOL.md).
     """
     try:
         data = pydantic_core.from_json(line)
     except ValueError as exc:
         raise InvalidJSON(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidJSON(f"a request must be a JSON object, not {type(data).__name__}")
+        kind = "null" if data is None else _JSON_KINDS.get(type(data), "a boolean")
+        raise InvalidRequest(f"request: must be a JSON object, not {kind}")
     return data
 
 

@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from notifier.channels import Channel, load_channels
 from notifier.dispatcher import Dispatcher
+from notifier.handler import Handler
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import utcnow
@@ -61,7 +62,9 @@ class Service:
         )
         self.dispatcher = Dispatcher(self.store, self.channels, self.settings, metrics=self.metrics)
         self.server = Server(
-            self.settings, intake=self.intake, store=self.store, metrics=self.metrics
+            self.settings,
+            handler=Handler(intake=self.intake, store=self.store),
+            metrics=self.metrics,
         )
         self._dispatching = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
         self._pruning = asyncio.create_task(self._prune_finished(), name="retention")

@@ -47,7 +47,7 @@ async def test_send_status_and_delivery(tmp_path: Path) -> None:
     ("line", "code"),
     [
         (b"{not json\n", "invalid_json"),
-        (b"[1, 2]\n", "invalid_json"),
+        (b"\xff\xfe{}\n", "invalid_json"),
         (b'{"channel": "email", "to": 5}\n', "invalid_request"),
         (b'{"op": "launch"}\n', "unknown_op"),
         (b'{"channel": "pigeon", "to": "x"}\n', "unknown_channel"),
@@ -62,6 +62,19 @@ async def test_error_codes(tmp_path: Path, line: bytes, code: str) -> None:
         answer = await conn.request(line)
         assert error_code(answer) == code
         assert answer["error"]["message"]
+        assert (await conn.request({"op": "ping"})) == {"ok": True}, "connection goes on"
+        await conn.close()
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]", b'"send"', b"42", b"1.5", b"null", b"true"])
+async def test_json_that_is_not_an_object_is_an_invalid_request(
+    tmp_path: Path, line: bytes
+) -> None:
+    async with running_server(tmp_path) as server:
+        conn = await LineConnection.open(server.port)
+        answer = await conn.request(line + b"\n")
+        assert error_code(answer) == "invalid_request"
+        assert answer["error"]["message"].startswith("request: must be a JSON object"), answer
         assert (await conn.request({"op": "ping"})) == {"ok": True}, "connection goes on"
         await conn.close()
 

@@ -9,7 +9,7 @@ So the rules are tested without TCP, and a new op is one method and one row in `
 start in the order they were read, so a pipelining client's sends join one group-commit
 batch in order, and the server waits for the answers in that order. A send costs no task
 (one per request would add about a tenth to intake's CPU time): its future is chained to
-the intake's. The other ops run as tasks.
+the intake's. ping and auth are answered at once; the other ops run as tasks.
 """
 
 from __future__ import annotations
@@ -40,14 +40,12 @@ Route = Callable[[Any], asyncio.Future[Fields]]
 R = TypeVar("R", bound=Request)
 
 
-def _translated(exc: BaseException) -> BaseException:
+def _unavailable(exc: StoreUnavailable) -> Unavailable:
     """A store that cannot be reached is ``unavailable``: the request may succeed on another
     instance or a moment later, which ``internal`` would not tell the client."""
-    if isinstance(exc, StoreUnavailable):
-        error = Unavailable(f"store unavailable: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc
+    error = Unavailable(f"store unavailable: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def _started(
@@ -59,7 +57,7 @@ def _started(
         try:
             return await route(handler, request)
         except StoreUnavailable as exc:
-            raise _translated(exc) from exc
+            raise _unavailable(exc) from exc
 
     @functools.wraps(route)
     def start(handler: Handler, request: R) -> asyncio.Future[Fields]:
@@ -101,8 +99,11 @@ class Handler:
         def answer_when_committed(_: object) -> None:
             try:
                 enqueued = committed.result()
+            except StoreUnavailable as exc:
+                answer.set_exception(_unavailable(exc))
+                return
             except Exception as exc:
-                answer.set_exception(_translated(exc))
+                answer.set_exception(exc)
                 return
             fields: Fields = {"id": enqueued.id, "status": "queued"}
             if enqueued.duplicate:
@@ -120,10 +121,11 @@ class Handler:
     async def _cancel(self, request: JobRequest) -> Fields:
         return _found(await self.store.cancel(request.id)).to_status()
 
-    @_started
-    async def _nothing(self, request: Request) -> Fields:
+    def _nothing(self, request: Request) -> asyncio.Future[Fields]:
         """ping, and auth (the server checked the token: it is per connection)."""
-        return {}
+        done: asyncio.Future[Fields] = asyncio.get_running_loop().create_future()
+        done.set_result({})
+        return done
 
     @_started
     async def _jobs(self, request: JobsRequest) -> Fields:

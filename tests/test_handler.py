@@ -15,15 +15,18 @@ from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import Enqueued, JobStatus, NewJob, Outcome
 from notifier.protocol import OPS, parse_request
-from notifier.store import Store, StoreUnavailable, open_store
+from notifier.service import Service
+from notifier.store import Store, StoreUnavailable
 from notifier.templates import Templates
+from tests.support.server import isolated_settings
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path}/notifier.db")
+    """The SQLite store the service would use (built, not started, by the service itself)."""
+    opened = Service(isolated_settings(tmp_path)).store
     await opened.open()
     try:
         yield opened

@@ -22,6 +22,7 @@ import hmac
 import logging
 import ssl
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,22 +51,29 @@ from notifier.settings import Settings
 log = logging.getLogger("notifier.server")
 
 
-class RequestHandler(Protocol):
-    """The application seam (``notifier.handler.Handler``).
-
-    ``handle`` starts the request at once (or raises a NotifierError) and returns a future of
-    the answer's fields, which may raise a NotifierError; anything else raised is answered
-    ``internal`` and logged.
+class Started(Protocol):
+    """A request the handler started: awaiting it gives the answer's fields or raises a
+    NotifierError; ``done()`` says whether awaiting would wait (an ``asyncio.Future`` is one).
     """
 
-    def handle(self, request: Request) -> asyncio.Future[dict[str, Any]]: ...
+    def done(self) -> bool: ...
+
+    def __await__(self) -> Generator[Any, None, dict[str, Any]]: ...
+
+
+class RequestHandler(Protocol):
+    """The application seam (``notifier.handler.Handler``): ``handle`` starts the request at
+    once (or raises a NotifierError). Anything else raised is answered ``internal``, logged.
+    """
+
+    def handle(self, request: Request) -> Started: ...
 
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
     """An answer the handler is still working out, and the ``ref`` it will echo."""
 
-    fields: asyncio.Future[dict[str, Any]]
+    fields: Started
     ref: Any
 
 

@@ -43,9 +43,7 @@ R = TypeVar("R", bound=Request)
 def _unavailable(exc: StoreUnavailable) -> Unavailable:
     """A store that cannot be reached is ``unavailable``: the request may succeed on another
     instance or a moment later, which ``internal`` would not tell the client."""
-    error = Unavailable(f"store unavailable: {exc}")
-    error.__cause__ = exc
-    return error
+    return Unavailable(f"store unavailable: {exc}")
 
 
 def _started(
@@ -118,8 +116,8 @@ class Handler:
         }
 
     def handle(self, request: Request) -> Started:
-        """Start ``request``: the future gives the answer's fields (without ``ok`` and
-        ``ref``) or raises a NotifierError. A send that is refused raises here, at once."""
+        """Start ``request``; awaiting the result gives the answer's fields (without ``ok``
+        and ``ref``) or raises a NotifierError. A send that is refused raises here, at once."""
         return self._routes[request.op](request)
 
     def _send(self, request: SendRequest) -> _Sent:

@@ -2,11 +2,11 @@
 
 Each connection has a reader (this coroutine's loop) and an answer writer. The reader
 frames, parses and admits each line (auth, rate limit, shutdown) and hands the request to
-the handler, which starts it at once and gives back a future of its answer, so a pipelining
+the handler, which starts it at once and gives back its answer to await, so a pipelining
 client's sends join one group-commit batch while its answers still go out in order. What a
 request does is the handler's business (``notifier.handler``); this module only tells ping
-and auth apart, for the per-connection auth state. A bounded queue between reader
-and writer is the backpressure: a client that does not read its answers stops being read.
+and auth apart, for the per-connection auth state. A bounded queue between reader and
+writer is the backpressure: a client that does not read its answers stops being read.
 
 Lines are read with a limit: an over-long line is answered ``line_too_long`` and skipped
 without ever being held whole in memory. Bad input is answered, never fatal: no request can

@@ -25,11 +25,8 @@ from pydantic import (
 )
 
 from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownOp
-from notifier.models import JobStatus, Priority, utcnow
+from notifier.models import JobStatus, Priority, bare_address, utcnow
 from notifier.settings import HttpUrlText
-
-PROTOCOL_VERSION = 1
-OPS = ("send", "status", "cancel", "ping", "auth", "jobs", "retry", "purge")
 
 Ref = StrictStr | StrictInt | StrictFloat
 
@@ -160,8 +157,43 @@ class PurgeRequest(_Request):
     older_than: Duration
 
 
+def _address(value: object) -> str:
+    """An email address to suppress, as suppressions are kept: bare and lower case."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    address = bare_address(value)
+    if "@" not in address:
+        raise ValueError(f"{value!r} is not an email address")
+    return address
+
+
+Address = Annotated[str, BeforeValidator(_address)]
+
+
+class SuppressionsRequest(_Request):
+    """Admin: list the suppressed addresses."""
+
+    op: Literal["suppressions"]
+
+
+class SuppressRequest(_Request):
+    """Admin: suppress an address (``reason`` says why), or lift it (``unsuppress``)."""
+
+    op: Literal["suppress", "unsuppress"]
+    address: Address
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=500)] = "suppressed by an operator"
+
+
 Request = (
-    SendRequest | JobRequest | PingRequest | AuthRequest | JobsRequest | RetryRequest | PurgeRequest
+    SendRequest
+    | JobRequest
+    | PingRequest
+    | AuthRequest
+    | JobsRequest
+    | RetryRequest
+    | PurgeRequest
+    | SuppressionsRequest
+    | SuppressRequest
 )
 
 _MODELS: dict[str, type[_Request]] = {
@@ -173,20 +205,30 @@ _MODELS: dict[str, type[_Request]] = {
     "jobs": JobsRequest,
     "retry": RetryRequest,
     "purge": PurgeRequest,
+    "suppressions": SuppressionsRequest,
+    "suppress": SuppressRequest,
+    "unsuppress": SuppressRequest,
 }
+OPS = tuple(_MODELS)
+
+
+#: What a JSON value that is not an object is called in JSON's own words.
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
 def decode_line(line: bytes) -> dict[str, Any]:
     """The JSON object of one request line (without its newline).
 
     pydantic-core's parser: several times faster than ``json`` on the intake's hot path.
+    Valid JSON of another kind is a wrong request, not broken JSON (PROTOCOL.md).
     """
     try:
         data = pydantic_core.from_json(line)
     except ValueError as exc:
         raise InvalidJSON(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidJSON(f"a request must be a JSON object, not {type(data).__name__}")
+        kind = "null" if data is None else _JSON_KINDS.get(type(data), "a boolean")
+        raise InvalidRequest(f"request: must be a JSON object, not {kind}")
     return data
 
 

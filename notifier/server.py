@@ -1,10 +1,12 @@
-"""The TCP listener: JSON lines in, one answer line per request, in order.
+"""The TCP transport: JSON lines in, one answer line per request, in order.
 
 Each connection has a reader (this coroutine's loop) and an answer writer. The reader
-handles what it can at once (ping, auth, refusals) and turns sends into futures of the
-group-commit batch, so a pipelining client gets its jobs committed together and its answers
-in order. A bounded queue between the two is the backpressure: a client that does not read
-its answers stops being read.
+frames, parses and admits each line (auth, rate limit, shutdown) and hands the request to
+the handler, which starts it at once and gives back its answer to await, so a pipelining
+client's sends join one group-commit batch while its answers still go out in order. What a
+request does is the handler's business (``notifier.handler``); this module only tells ping
+and auth apart, for the per-connection auth state. A bounded queue between reader and
+writer is the backpressure: a client that does not read its answers stops being read.
 
 Lines are read with a limit: an over-long line is answered ``line_too_long`` and skipped
 without ever being held whole in memory. Bad input is answered, never fatal: no request can
@@ -15,36 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hmac
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from notifier.errors import (
     InternalError,
-    InvalidRequest,
     LineTooLong,
-    NotFound,
     NotifierError,
     RateLimited,
     Unauthorized,
     Unavailable,
 )
-from notifier.intake import Intake
 from notifier.metrics import Metrics
-from notifier.models import Enqueued, Job, utcnow
 from notifier.protocol import (
     AuthRequest,
-    JobRequest,
-    JobsRequest,
     PingRequest,
-    PurgeRequest,
     Request,
-    RetryRequest,
-    SendRequest,
     decode_line,
     encode,
     error_answer,
@@ -53,15 +47,44 @@ from notifier.protocol import (
     parse_request,
 )
 from notifier.settings import Settings
-from notifier.store import Store, StoreUnavailable
 
 log = logging.getLogger("notifier.server")
 
-#: An answer ready now, or a future of a result and how to turn it into an answer.
-Pending = tuple[asyncio.Future[Any], Callable[[Any], dict[str, Any]], Any]
-Answer = dict[str, Any] | Pending
 
-_TOO_LONG = object()
+class Started(Protocol):
+    """A request the handler started: awaiting it gives the answer's fields or raises a
+    NotifierError; ``done()`` says whether awaiting would wait (an ``asyncio.Future`` is one).
+    """
+
+    def done(self) -> bool: ...
+
+    def __await__(self) -> Generator[Any, None, dict[str, Any]]: ...
+
+
+class RequestHandler(Protocol):
+    """The application seam (``notifier.handler.Handler``): ``handle`` starts the request at
+    once (or raises a NotifierError). Anything else raised is answered ``internal``, logged.
+    """
+
+    def handle(self, request: Request) -> Started: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An answer the handler is still working out, and the ``ref`` it will echo."""
+
+    fields: Started
+    ref: Any
+
+
+#: A finished answer, or one to wait for; the writer keeps their order either way.
+Answer = dict[str, Any] | _Pending
+
+
+class _Skipped(enum.Enum):
+    """A line the reader did not keep."""
+
+    TOO_LONG = "too long"
 
 
 class _TokenBucket:
@@ -86,6 +109,7 @@ class _TokenBucket:
 class _Connection:
     peer: str
     authenticated: bool
+    #: None after the last answer: the writer stops there.
     answers: asyncio.Queue[Answer | None]
     task: asyncio.Task[Any] | None = None
     waiting: bool = False
@@ -95,20 +119,11 @@ class _Connection:
     peer_gone: bool = False
 
 
-def _job_answer(job: Job | None, ref: Any) -> dict[str, Any]:
-    if job is None:
-        raise NotFound("id: no such job")
-    return ok(ref, **job.to_status())
-
-
 class Server:
-    def __init__(
-        self, settings: Settings, *, intake: Intake, store: Store, metrics: Metrics
-    ) -> None:
+    def __init__(self, settings: Settings, *, handler: RequestHandler, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.intake = intake
-        self.store = store
+        self.handler = handler
         self._tokens = [t.get_secret_value().encode() for t in settings.auth_tokens]
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -134,7 +149,7 @@ class Server:
             self._serve_connection,
             self.settings.host,
             self.settings.port,
-            ssl=self._ssl_context(),
+            ssl=self.settings.tls_context(),
             limit=self.settings.max_line_bytes + 2,
         )
         self._sweeper = asyncio.create_task(self._close_idle(), name="server-idle-sweeper")
@@ -144,13 +159,6 @@ class Server:
             self.port,
             " (TLS)" if self.settings.tls_enabled else "",
         )
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.settings.tls_enabled:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(self.settings.tls_cert), str(self.settings.tls_key))
-        return context
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; answer every line already read, then close the connections."""
@@ -250,21 +258,20 @@ class Server:
             if line is None:
                 return
             connection.last_active = time.monotonic()
-            if line is _TOO_LONG:
+            if line is _Skipped.TOO_LONG:
                 answer: Answer = error_answer(
                     LineTooLong(
                         f"line longer than {self.settings.max_line_bytes} bytes; it was skipped"
                     )
                 )
+            elif not line.strip():
+                continue
             else:
-                assert isinstance(line, bytes)
-                if not line.strip():
-                    continue
                 answer = self._answer(connection, line)
             await connection.answers.put(answer)
 
-    async def _read_line(self, reader: asyncio.StreamReader) -> bytes | object | None:
-        """The next line without its ending; ``_TOO_LONG`` for a skipped line; None at EOF."""
+    async def _read_line(self, reader: asyncio.StreamReader) -> bytes | _Skipped | None:
+        """The next line without its ending, or why it was skipped; None at EOF."""
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
@@ -272,9 +279,9 @@ class Server:
         except asyncio.LimitOverrunError as exc:
             await reader.readexactly(exc.consumed)
             await self._skip_rest_of_line(reader)
-            return _TOO_LONG
+            return _Skipped.TOO_LONG
         line = line.rstrip(b"\n").removesuffix(b"\r")
-        return _TOO_LONG if len(line) > self.settings.max_line_bytes else line
+        return _Skipped.TOO_LONG if len(line) > self.settings.max_line_bytes else line
 
     @staticmethod
     async def _skip_rest_of_line(reader: asyncio.StreamReader) -> None:
@@ -288,6 +295,7 @@ class Server:
                 await reader.readexactly(exc.consumed)
 
     def _answer(self, connection: _Connection, line: bytes) -> Answer:
+        """Refuse the line now, or start the handler on it, in the order the lines came."""
         ref = None
         try:
             data = decode_line(line)
@@ -296,12 +304,13 @@ class Server:
             self._authorize(connection, request)
             if connection.bucket is not None:
                 connection.bucket.take()
-            return self._dispatch(request, ref)
+            if self._closing:
+                raise Unavailable("shutting down; try another instance or again shortly")
+            return _Pending(self.handler.handle(request), ref)
         except NotifierError as exc:
             return error_answer(exc, ref)
         except Exception:
-            log.exception("request from %s failed", connection.peer)
-            return error_answer(InternalError("internal error; see the server log"), ref)
+            return _internal_error(connection, ref)
 
     def _authorize(self, connection: _Connection, request: Request) -> None:
         if connection.authenticated or isinstance(request, PingRequest):
@@ -318,44 +327,6 @@ class Server:
         matches = [hmac.compare_digest(given, known) for known in self._tokens]
         return any(matches)
 
-    def _dispatch(self, request: Request, ref: Any) -> Answer:
-        if self._closing:
-            raise Unavailable("shutting down; try another instance or again shortly")
-        if isinstance(request, SendRequest):
-            return (self.intake.put(request), lambda done: _sent(done, ref), ref)
-        if isinstance(request, JobRequest):
-            lookup = self.store.get if request.op == "status" else self.store.cancel
-            future = asyncio.ensure_future(lookup(request.id))
-            return (future, lambda job: _job_answer(job, ref), ref)
-        if isinstance(request, (JobsRequest, RetryRequest, PurgeRequest)):
-            return (
-                asyncio.ensure_future(self._admin(request)),
-                lambda fields: ok(ref, **fields),
-                ref,
-            )
-        return ok(ref)
-
-    async def _admin(self, request: JobsRequest | RetryRequest | PurgeRequest) -> dict[str, Any]:
-        """The operations behind ``notifier jobs|retry|purge``, under the same auth."""
-        if isinstance(request, JobsRequest):
-            jobs = await self.store.list_jobs(
-                status=request.status, since=request.since, limit=request.limit
-            )
-            return {"jobs": [job.to_status() for job in jobs]}
-        if isinstance(request, PurgeRequest):
-            return {"purged": await self.store.purge(before=utcnow() - request.older_than)}
-        if request.id is None and request.since is None:
-            raise InvalidRequest("id: give a job id, or since to retry every job failed since")
-        if request.id is None:
-            return {"ids": await self.store.retry(job_ids=None, since=request.since)}
-        ids = await self.store.retry(job_ids=[request.id], since=None)
-        if not ids:
-            job = await self.store.get(request.id)
-            if job is None:
-                raise NotFound("id: no such job")
-            raise InvalidRequest(f"id: job is {job.status.value}; only failed jobs are retried")
-        return {"ids": ids}
-
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
         """Write answers in order, coalescing the ones that are ready into one write (a syscall
         per answer costs more than the whole rest of a pipelined send).
@@ -371,10 +342,10 @@ class Server:
             item = await queue.get()
             if item is None:
                 break
-            if isinstance(item, tuple):
-                if ready and not item[0].done():
+            if isinstance(item, _Pending):
+                if ready and not item.fields.done():
                     await self._write(connection, writer, ready, drain=False)
-                answer = await _resolve(item)
+                answer = await _resolve(connection, item)
             else:
                 answer = item
             if not answer["ok"]:
@@ -399,21 +370,16 @@ class Server:
         connection.last_active = time.monotonic()
 
 
-def _sent(done: Enqueued, ref: Any) -> dict[str, Any]:
-    answer = ok(ref, id=done.id, status="queued")
-    if done.duplicate:
-        answer["duplicate"] = True
-    return answer
-
-
-async def _resolve(pending: Pending) -> dict[str, Any]:
-    future, finish, ref = pending
+async def _resolve(connection: _Connection, pending: _Pending) -> dict[str, Any]:
     try:
-        return finish(await future)
+        return ok(pending.ref, **await pending.fields)
     except NotifierError as exc:
-        return error_answer(exc, ref)
-    except StoreUnavailable as exc:
-        return error_answer(Unavailable(f"store unavailable: {exc}"), ref)
+        return error_answer(exc, pending.ref)
     except Exception:
-        log.exception("request failed")
-        return error_answer(InternalError("internal error; see the server log"), ref)
+        return _internal_error(connection, pending.ref)
+
+
+def _internal_error(connection: _Connection, ref: Any) -> dict[str, Any]:
+    """A bug answers ``internal`` without details (they may hold data) and is logged."""
+    log.exception("request from %s failed", connection.peer)
+    return error_answer(InternalError("internal error; see the server log"), ref)

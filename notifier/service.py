@@ -31,6 +31,7 @@ from notifier.channels.mime import job_id_of
 from notifier.channels.registry import channel_factories
 from notifier.channels.sms.base import ProviderConfig
 from notifier.dispatcher import Dispatcher
+from notifier.handler import Handler
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import ReceiptReport, ReceiptState, utcnow
@@ -102,7 +103,9 @@ class Service:
                 self.store, self.settings, metrics=self.metrics, owner=self.dispatcher.owner
             )
             self.server = Server(
-                self.settings, intake=self.intake, store=self.store, metrics=self.metrics
+                self.settings,
+                handler=Handler(intake=self.intake, store=self.store),
+                metrics=self.metrics,
             )
             await self.store.open()
             stack.push_async_callback(self.store.close)

@@ -1,7 +1,4 @@
-"""``notifier send/status/cancel/ping`` against the real service: output and exit codes.
-
-The suppression commands run against a line server (``tests/support/line_server.py``) until
-the service has those ops.
+"""The ``notifier`` client commands against the real service: output and exit codes.
 
 The commands run through ``notifier.cli.main`` in the loop's executor threads (they block,
 and the in-process server must keep running), and once as a real ``python -m notifier``.
@@ -21,7 +18,6 @@ import pytest
 from notifier import AsyncClient, JobStatus
 from notifier.cli import main
 from tests.support.http_sink import HTTPSink, Reply
-from tests.support.line_server import FakeSuppressions, line_server
 from tests.support.server import RunningServer, free_port, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,25 +199,21 @@ async def test_as_a_process(tmp_path: Path) -> None:
         assert (code, out, err) == (1, "", "error: not_found: id: no such job\n")
 
 
-async def test_suppression_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    async with line_server(FakeSuppressions()) as server:
+async def test_suppression_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with running_server(tmp_path) as server:
         port = ["--port", str(server.port)]
         assert await notifier("suppress", *port, "ada@example.com", "--reason", "asked") == 0
         assert await notifier("suppress", *port, "bob@example.com") == 0
         assert output(capsys) == ("suppressed ada@example.com\nsuppressed bob@example.com\n", "")
-        assert server.requests[0] == {"op": "suppress", "address": "ada@example.com",
-                                      "reason": "asked"}  # fmt: skip
 
         assert await notifier("suppressions", *port) == 0
         header, ada, bob = output(capsys)[0].splitlines()
         assert header.split() == ["address", "created_at", "reason"]
-        assert ada.split() == ["ada@example.com", "2030-01-01T10:00:00.000Z", "asked"]
-        assert bob.split() == ["bob@example.com", "2030-01-01T10:00:00.000Z", "-"]
+        assert ada.split()[::2] == ["ada@example.com", "asked"]
+        assert bob.split()[0] == "bob@example.com"
         assert await notifier("suppressions", *port, "--json") == 0
         lines = [json.loads(line) for line in output(capsys)[0].splitlines()]
         assert [line["address"] for line in lines] == ["ada@example.com", "bob@example.com"]
-        assert lines[1] == {"address": "bob@example.com", "reason": None,
-                            "created_at": "2030-01-01T10:00:00.000Z"}  # fmt: skip
 
         assert await notifier("unsuppress", *port, "ada@example.com") == 0
         assert output(capsys) == ("unsuppressed ada@example.com\n", "")
@@ -230,17 +222,18 @@ async def test_suppression_commands(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_send_passes_the_fields_of_version_1_1_through(
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with line_server(FakeSuppressions()) as server:
+    async with running_server(tmp_path) as server:
         options = ["--priority", "high", "--collapse-key", "otp:42",
-                   "--callback-url", "https://a.example/cb"]  # fmt: skip
+                   "--send-at", "2999-01-01T00:00Z", "--callback-url", "https://a.example/cb"]  # fmt: skip
         argv = ["send", "--port", str(server.port), *SMS, "--text", "x", *options]
         assert await notifier(*argv) == 0
-        assert output(capsys) == ("job-1\n", "")
-    request = server.requests[0]
-    assert (request["priority"], request["collapse_key"]) == ("high", "otp:42")
-    assert request["callback_url"] == "https://a.example/cb"
+        job_id = output(capsys)[0].strip()
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            status = (await client.status(job_id)).as_dict()
+    assert status["priority"] == "high"
+    assert status["callback"]["state"] == "pending"
     with pytest.raises(SystemExit):
         await notifier("send", *SMS, "--text", "x", "--priority", "urgent")
     assert "--priority: invalid choice: 'urgent'" in output(capsys)[1]

@@ -365,28 +365,24 @@ def test_both_clients_have_the_same_methods_and_signatures_and_full_docstrings()
             assert "See ``Client" not in method.__doc__
 
 
-# Both clients against a line server, for the suppression ops.
+# The suppression ops: both clients against the real service, and a line server for answers
+# of the wrong shape.
 
 
-async def test_suppress_list_and_unsuppress(connect: Connect) -> None:
-    async with line_server(FakeSuppressions()) as server:
+async def test_suppress_list_and_unsuppress(connect: Connect, tmp_path: Path) -> None:
+    async with running_server(tmp_path) as server:
         client = connect(server.port)
         assert await client("suppressions") == []
-        assert await client("suppress", "ada@example.com", reason="asked us to stop") is None
+        assert await client("suppress", "Ada <Ada@example.com>", reason="asked us to stop") is None
         await client("suppress", "bob@example.com")
-        assert server.requests[-2:] == [
-            {"op": "suppress", "address": "ada@example.com", "reason": "asked us to stop"},
-            {"op": "suppress", "address": "bob@example.com"},
-        ]
         listed = await client("suppressions")
         assert [(s.address, s.reason) for s in listed] == [
             ("ada@example.com", "asked us to stop"),
-            ("bob@example.com", None),
+            ("bob@example.com", "suppressed by an operator"),
         ]
-        assert listed[0].created_at == datetime(2030, 1, 1, 10, tzinfo=UTC)
+        assert listed[0].created_at <= datetime.now(UTC)
         assert await client("unsuppress", "ada@example.com") is True
         assert await client("unsuppress", "ada@example.com") is False
-        assert server.requests[-1] == {"op": "unsuppress", "address": "ada@example.com"}
         assert [s.address for s in await client("suppressions")] == ["bob@example.com"]
 
 

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from notifier.errors import NotFound
+from notifier.metrics import Metrics
+from notifier.models import Enqueued, NewJob
+from notifier.protocol import Request
+from notifier.server import Server
 from notifier.store import StoreUnavailable
-from tests.support.server import LineConnection, running_server
+from tests.support.server import LineConnection, isolated_settings, running_server
 from tests.support.waiting import wait_for
 
 EMAIL = {"channel": "email", "to": "ada@example.com", "subject": "Hi", "text": "Hello"}
@@ -47,7 +53,7 @@ async def test_send_status_and_delivery(tmp_path: Path) -> None:
     ("line", "code"),
     [
         (b"{not json\n", "invalid_json"),
-        (b"[1, 2]\n", "invalid_json"),
+        (b"\xff\xfe{}\n", "invalid_json"),
         (b'{"channel": "email", "to": 5}\n', "invalid_request"),
         (b'{"op": "launch"}\n', "unknown_op"),
         (b'{"channel": "pigeon", "to": "x"}\n', "unknown_channel"),
@@ -62,6 +68,19 @@ async def test_error_codes(tmp_path: Path, line: bytes, code: str) -> None:
         answer = await conn.request(line)
         assert error_code(answer) == code
         assert answer["error"]["message"]
+        assert (await conn.request({"op": "ping"})) == {"ok": True}, "connection goes on"
+        await conn.close()
+
+
+@pytest.mark.parametrize("line", [b"[1, 2]", b'"send"', b"42", b"1.5", b"null", b"true"])
+async def test_json_that_is_not_an_object_is_an_invalid_request(
+    tmp_path: Path, line: bytes
+) -> None:
+    async with running_server(tmp_path) as server:
+        conn = await LineConnection.open(server.port)
+        answer = await conn.request(line + b"\n")
+        assert error_code(answer) == "invalid_request"
+        assert answer["error"]["message"].startswith("request: must be a JSON object"), answer
         assert (await conn.request({"op": "ping"})) == {"ok": True}, "connection goes on"
         await conn.close()
 
@@ -217,6 +236,30 @@ async def test_pipelined_thousand_sends_in_one_write_answer_in_order(tmp_path: P
         await conn.close()
 
 
+async def test_pipelined_sends_share_group_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_server(tmp_path) as server:
+        store = server.service.store
+        enqueue = store.enqueue
+        batches: list[int] = []
+
+        async def counting(jobs: Sequence[NewJob]) -> list[Enqueued]:
+            batches.append(len(jobs))
+            return await enqueue(jobs)
+
+        monkeypatch.setattr(store, "enqueue", counting)
+        conn = await LineConnection.open(server.port)
+        await conn.send(
+            b"".join(json.dumps({**SMS, "ref": i}).encode() + b"\n" for i in range(200))
+        )
+        answers = [await conn.answer() for _ in range(200)]
+        assert all(a["ok"] for a in answers)
+        assert sum(batches) == 200
+        assert len(batches) < 20, f"a commit per few sends, not per send: {batches}"
+        await conn.close()
+
+
 async def test_fifty_concurrent_connections(tmp_path: Path) -> None:
     async with running_server(tmp_path) as server:
 
@@ -300,3 +343,44 @@ async def test_tls_listener(tmp_path: Path) -> None:
         await plain.send({"op": "ping"})
         assert await plain.reader.read() == b"", "plain text is not answered on a TLS listener"
         await plain.close()
+
+
+class HeldHandler:
+    """Starts each request and holds its answer until the test settles it."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Any, asyncio.Future[dict[str, Any]]]] = []
+
+    def handle(self, request: Request) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.started.append((request.ref, future))
+        return future
+
+
+async def test_answers_go_out_in_request_order_whatever_order_they_finish(
+    tmp_path: Path,
+) -> None:
+    handler = HeldHandler()
+    server = Server(isolated_settings(tmp_path), handler=handler, metrics=Metrics())
+    await server.start()
+    try:
+        conn = await LineConnection.open(server.port)
+        await conn.send(*({"op": "ping", "ref": n} for n in range(5)))
+        await wait_for(lambda: len(handler.started) == 5, what="five requests started")
+        assert [ref for ref, _ in handler.started] == [0, 1, 2, 3, 4]
+        for ref, future in reversed(handler.started):
+            if ref == 1:
+                future.set_exception(NotFound("id: no such job"))
+            elif ref == 3:
+                future.set_exception(RuntimeError("a bug, with details"))
+            else:
+                future.set_result({"n": ref})
+        answers = [await conn.answer() for _ in range(5)]
+        assert [a["ref"] for a in answers] == [0, 1, 2, 3, 4]
+        assert answers[0] == {"ok": True, "n": 0, "ref": 0}
+        assert error_code(answers[1]) == "not_found"
+        assert error_code(answers[3]) == "internal" and "details" not in str(answers[3])
+        assert answers[4] == {"ok": True, "n": 4, "ref": 4}
+        await conn.close()
+    finally:
+        await server.stop(grace=5.0)

@@ -225,8 +225,10 @@ async def test_send_passes_the_fields_of_version_1_1_through(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_server(tmp_path) as server:
-        options = ["--priority", "high", "--collapse-key", "otp:42",
-                   "--send-at", "2999-01-01T00:00Z", "--callback-url", "https://a.example/cb"]  # fmt: skip
+        options = [
+            *("--priority", "high", "--collapse-key", "otp:42"),
+            *("--send-at", "2999-01-01T00:00Z", "--callback-url", "https://a.example/cb"),
+        ]
         argv = ["send", "--port", str(server.port), *SMS, "--text", "x", *options]
         assert await notifier(*argv) == 0
         job_id = output(capsys)[0].strip()

@@ -44,12 +44,6 @@ async def posted(sink: HTTPSink, count: int, timeout: float = 10.0) -> list[Reco
     return await wait_for(arrived, timeout=timeout, what=f"{count} callback requests")
 
 
-async def job_status(conn: LineConnection, job_id: str) -> dict[str, Any]:
-    answer = await conn.request({"op": "status", "id": job_id})
-    assert answer["ok"], answer
-    return answer
-
-
 async def test_a_delivered_job_posts_one_signed_final_event(
     tmp_path: Path, http_sink: HTTPSink
 ) -> None:
@@ -75,7 +69,7 @@ async def test_a_delivered_job_posts_one_signed_final_event(
 
 
 async def _callback_state(conn: LineConnection, job_id: str, state: str) -> dict[str, Any] | None:
-    status = await job_status(conn, job_id)
+    status = await conn.status(job_id)
     return status if status.get("callback", {}).get("state") == state else None
 
 

@@ -44,6 +44,7 @@ from notifier.protocol import SendRequest
 from notifier.settings import Settings, SettingsError, load_settings
 from notifier.store import Store, open_store
 from notifier.templates import Templates
+from tests.support.clock import Clock
 from tests.support.http_sink import (
     DROP,
     HTTPSink,
@@ -679,14 +680,6 @@ async def test_failures_of_the_first_gateway_fail_over_to_the_next(http_sink: HT
         assert twilio.requests[0].form()["To"] == "+8613800138000"
         assert ihuyi_circuit.state is CircuitState.OPEN
         assert twilio_circuit.state is CircuitState.CLOSED
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def failover_channel(clock: Clock, failures: int = 2) -> SMSChannel:

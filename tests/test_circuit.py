@@ -8,14 +8,7 @@ import pytest
 
 from notifier.channels.circuit import CircuitBreaker, CircuitState
 from notifier.metrics import Metrics
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture

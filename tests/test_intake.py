@@ -23,12 +23,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-async def status_of(conn: LineConnection, job_id: str) -> dict[str, Any]:
-    answer = await conn.request({"op": "status", "id": job_id})
-    assert answer["ok"], answer
-    return answer
-
-
 async def test_twenty_concurrent_sends_with_one_collapse_key_deliver_exactly_one(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -48,7 +42,7 @@ async def test_twenty_concurrent_sends_with_one_collapse_key_deliver_exactly_one
         conn = conns[0]
 
         async def settled() -> list[dict[str, Any]] | None:
-            statuses = [await status_of(conn, job_id) for job_id in ids]
+            statuses = [await conn.status(job_id) for job_id in ids]
             final = all(s["status"] in ("delivered", "cancelled") for s in statuses)
             return statuses if final and any(s["status"] == "delivered" for s in statuses) else None
 
@@ -71,8 +65,8 @@ async def test_collapsing_needs_the_same_recipients_and_channel(tmp_path: Path) 
         first = await conn.request({**base, "to": ["+14155550101", "+14155550102"]})
         other = await conn.request({**base, "to": "+14155550103"})
         same = await conn.request({**base, "to": ["+14155550102", "+14155550101"]})
-        assert (await status_of(conn, first["id"]))["superseded_by"] == same["id"]
-        assert (await status_of(conn, other["id"]))["status"] == "queued"
+        assert (await conn.status(first["id"]))["superseded_by"] == same["id"]
+        assert (await conn.status(other["id"]))["status"] == "queued"
         await conn.close()
 
 
@@ -119,6 +113,6 @@ async def test_status_carries_the_priority(tmp_path: Path) -> None:
         urgent = await conn.request(
             {"channel": "sms", "to": "+14155550101", "text": "x", "priority": "high"}
         )
-        assert (await status_of(conn, plain["id"]))["priority"] == "normal"
-        assert (await status_of(conn, urgent["id"]))["priority"] == "high"
+        assert (await conn.status(plain["id"]))["priority"] == "normal"
+        assert (await conn.status(urgent["id"]))["priority"] == "high"
         await conn.close()

@@ -25,6 +25,7 @@ from notifier.ops import HTTPServer
 from notifier.receipts import AddressBuckets, DeliveryReport, ReceiptsApp
 from notifier.settings import SettingsError, load_settings
 from notifier.store import StoreUnavailable
+from tests.support.clock import Clock
 from tests.support.http_sink import HTTPSink, Reply, ihuyi_gateway
 from tests.support.prometheus import metric
 from tests.support.server import LineConnection, free_port, running_server
@@ -63,14 +64,6 @@ class Sink:
         if self.failing:
             raise StoreUnavailable("database is locked")
         self.reports.extend(reports)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -103,6 +103,12 @@ class LineConnection:
         await self.send(request)
         return await self.answer()
 
+    async def status(self, job_id: str) -> dict[str, Any]:
+        """The job's status answer, which must be ``ok``."""
+        answer = await self.request({"op": "status", "id": job_id})
+        assert answer["ok"], answer
+        return answer
+
     async def close(self) -> None:
         self.writer.close()
         with suppress(ConnectionError):

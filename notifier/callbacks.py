@@ -99,26 +99,32 @@ class Callbacks:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopped.set()
         store.on_work(self._wake.set)
 
-    async def run(self, *, burst: bool = False) -> None:
-        """Post events until ``stop``; with ``burst``, return once nothing is due."""
+    async def run(self) -> None:
+        """Post events until ``stop``."""
         concurrency = self.settings.callback_concurrency
-        while not self._stopping.is_set():
-            self._wake.clear()
-            free = concurrency - len(self._in_flight)
-            claimed = await self._claim(free) if free else 0
-            if burst and not claimed and not self._in_flight:
-                return
-            if claimed and claimed == free:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+        self._stopped.clear()
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                free = concurrency - len(self._in_flight)
+                claimed = await self._claim(free) if free else 0
+                if claimed and claimed == free:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+        finally:
+            self._stopped.set()
 
     async def stop(self, grace: float) -> None:
-        """Stop claiming; let posts finish within ``grace``; the rest are posted again later."""
+        """Stop claiming; let posts finish within ``grace``; the rest are posted again later
+        (their leases end, or the next start takes them back)."""
         self._stopping.set()
         self._wake.set()
+        await self._stopped.wait()
         tasks = list(self._in_flight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -136,7 +142,7 @@ class Callbacks:
         except StoreUnavailable as exc:
             log.warning("callbacks: store unavailable: %s", exc)
             return 0
-        for event in events:
+        for event in events:  # a stop that came meanwhile waits for these too
             self._in_flight[event.id] = asyncio.create_task(
                 self._post(event), name=f"callback-{event.id}"
             )
@@ -144,7 +150,13 @@ class Callbacks:
 
     async def _post(self, event: Event) -> None:
         try:
-            outcome = await self._attempt(event)
+            try:
+                outcome = await self._attempt(event)
+            except Exception as exc:  # a bug here must not leave the event leased for ever
+                log.exception("callback %s: posting failed unexpectedly", event.id)
+                outcome = self._failed(
+                    event, CallbackFailed(f"internal error: {exc!r}", retryable=True)
+                )
             await asyncio.shield(self._recorder.put(outcome))
         except StoreUnavailable as exc:
             log.warning("callback %s: outcome not recorded (%s); posted again later", event.id, exc)
@@ -160,6 +172,8 @@ class Callbacks:
         try:
             try:
                 response = await self._client.post(event.url, content=body, headers=headers)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                raise CallbackFailed(f"bad callback_url: {exc}", retryable=False) from exc
             except httpx.TransportError as exc:
                 raise CallbackFailed(f"{type(exc).__name__}: {exc}", retryable=True) from exc
             classify(response)
@@ -169,8 +183,7 @@ class Callbacks:
         return EventOutcome(event.id, CallbackState.SENT)
 
     def _failed(self, event: Event, failure: CallbackFailed) -> EventOutcome:
-        host = httpx.URL(event.url).host
-        reason = f"{host}: {failure}"
+        reason = f"{_host(event.url)}: {failure}"
         if failure.retryable and event.attempts < self.settings.callback_max_attempts:
             wait = self._backoff.delay(event.attempts, failure.retry_after)
             self.metrics.callbacks.labels("retried").inc()
@@ -189,3 +202,11 @@ class Callbacks:
     async def _record(self, outcomes: Sequence[EventOutcome]) -> list[None]:
         await self.store.record_events(self.owner, outcomes)
         return [None] * len(outcomes)
+
+
+def _host(url: str) -> str:
+    """Where a callback goes, for errors and logs (a URL may carry a token: not all of it)."""
+    try:
+        return httpx.URL(url).host or "?"
+    except httpx.InvalidURL:
+        return "?"

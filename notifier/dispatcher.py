@@ -286,12 +286,7 @@ class Dispatcher:
             if refused:
                 job = replace(job, results=_with_refused(job.results, refused))
                 if len(refused) == len(envelope(message)):
-                    return Outcome(
-                        job.id,
-                        JobStatus.FAILED,
-                        last_error="every recipient is suppressed (hard bounce or suppress op)",
-                        results=job.results,
-                    )
+                    return _nobody_left(job)
                 message = replace(message, skip=(*message.skip, *refused))
         delivered: dict[str, Any] = dict(job.results.get("delivered", {}))
         try:
@@ -399,6 +394,15 @@ class Dispatcher:
                         await self.store.extend_leases(self.owner, ids, self.settings.lease_seconds)
                     except StoreUnavailable as exc:
                         log.warning("extending leases: store unavailable: %s", exc)
+
+
+def _nobody_left(job: Job) -> Outcome:
+    """Every recipient still to serve is suppressed: the job ends here, delivered to those an
+    earlier attempt served, failed if there were none."""
+    if job.results.get("delivered"):
+        return Outcome(job.id, JobStatus.DELIVERED, results=job.results)
+    reason = "every recipient is suppressed (hard bounce or suppress op)"
+    return Outcome(job.id, JobStatus.FAILED, last_error=reason, results=job.results)
 
 
 def _suppressed_recipients(message: Message, suppressed: Mapping[str, str]) -> dict[str, str]:

@@ -111,14 +111,15 @@ class Service:
             stack.push_async_callback(self.store.close)
             await self._start_ops(stack)
             grace = self.settings.shutdown_grace
+            # Callbacks stop after the dispatcher, to post the events its last deliveries made.
             await stack.enter_async_context(
                 background(
-                    "dispatcher", self.dispatcher.run(), stop=lambda: self.dispatcher.stop(grace)
+                    "callbacks", self.callbacks.run(), stop=lambda: self.callbacks.stop(grace)
                 )
             )
             await stack.enter_async_context(
                 background(
-                    "callbacks", self.callbacks.run(), stop=lambda: self.callbacks.stop(grace)
+                    "dispatcher", self.dispatcher.run(), stop=lambda: self.dispatcher.stop(grace)
                 )
             )
             await stack.enter_async_context(background("retention", self._prune_finished()))

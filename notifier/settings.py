@@ -45,8 +45,15 @@ class SettingsError(Exception):
 
 
 def _http_url(value: str) -> str:
-    if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError("has a port out of range") from None
     return value
 
 

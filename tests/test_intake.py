@@ -91,6 +91,7 @@ def test_the_collapse_value_ignores_order_case_and_display_names() -> None:
         ("collapse_key", "k" * 201),
         ("callback_url", "ftp://example.com/"),
         ("callback_url", "not a url"),
+        ("callback_url", "http://example.com:99999/hook"),
     ],
 )
 async def test_bad_version_1_1_fields_are_refused_naming_them(

@@ -33,6 +33,7 @@ from notifier.models import (
 )
 from notifier.settings import RecipientLimit, Settings
 from notifier.store import Store, open_store, sql
+from notifier.store.sqlite import SQLiteStore
 from tests.support.server import isolated_settings
 
 LONG = 300.0
@@ -811,3 +812,40 @@ async def test_count_waiting_by_channel_and_priority(store: Store) -> None:
         ("sms", Priority.NORMAL): 1,
         ("email", Priority.LOW): 1,
     }
+
+
+async def test_exclusive_is_held_by_one_holder_at_a_time(
+    store: Store, store_settings: Settings
+) -> None:
+    if isinstance(store, SQLiteStore):
+        async with store.exclusive("bounces") as mine:
+            assert mine, "one process owns an SQLite store: always its own"
+        return
+    other = open_store(store_settings)
+    await other.open()
+    try:
+        async with store.exclusive("bounces") as mine, other.exclusive("bounces") as theirs:
+            assert (mine, theirs) == (True, False)
+        async with other.exclusive("bounces") as theirs:
+            assert theirs
+    finally:
+        await other.close()
+
+
+async def test_what_the_exclusive_block_raises_is_its_own(store: Store) -> None:
+    with pytest.raises(ConnectionError, match="mailbox"):
+        async with store.exclusive("bounces"):
+            raise ConnectionError("mailbox unreachable")
+
+
+async def test_a_send_that_failed_gives_its_count_back(store: Store) -> None:
+    one_per_hour = (RecipientLimit(1, 3600.0),)
+    (first,) = await add(store)
+    assert await store.pace("me", [await claim(store)], one_per_hour) == {}
+    past = utcnow() - timedelta(seconds=1)
+    await store.record("me", [Outcome(first, JobStatus.RETRYING, last_error="500", run_at=past)])
+    again = await claim(store)
+    assert await store.pace("me", [again], one_per_hour) == {}, "the failed attempt sent nothing"
+    await store.record("me", [Outcome(first, JobStatus.DELIVERED)])
+    (second,) = await add(store)
+    assert list(await store.pace("me", [await claim(store)], one_per_hour)) == [second]

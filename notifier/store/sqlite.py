@@ -109,9 +109,15 @@ CREATE TABLE IF NOT EXISTS suppressions (
     created_at REAL NOT NULL
 );
 
-CREATE TABLE IF NOT EXISTS recipient_sends (recipient TEXT NOT NULL, sent_at REAL NOT NULL);
+-- Sends counted by pacing: taken when a job is admitted, given back if its send fails.
+CREATE TABLE IF NOT EXISTS recipient_sends (
+    recipient TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    job_id TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS recipient_sends_by ON recipient_sends (recipient, sent_at);
 CREATE INDEX IF NOT EXISTS recipient_sends_at ON recipient_sends (sent_at);
+CREATE INDEX IF NOT EXISTS recipient_sends_job ON recipient_sends (job_id);
 CREATE TABLE IF NOT EXISTS recipient_holds (recipient TEXT PRIMARY KEY, until REAL NOT NULL);
 
 -- A newer job supersedes the waiting ones of its collapse value, in its own INSERT.
@@ -355,6 +361,16 @@ class SQLiteStore(Store):
             (time.time(), payload, owner),
         )
         applied = {row[0] for row in rows}
+        unsent = [
+            o for o in outcomes if o.status is not JobStatus.DELIVERED and o.job_id in applied
+        ]
+        if unsent:
+            await self._run(
+                "DELETE FROM recipient_sends WHERE job_id IN (SELECT key FROM json_each(?1))"
+                " AND recipient NOT IN (SELECT d.key FROM json_each(?1) AS o,"
+                " json_each(o.value) AS d WHERE o.key = recipient_sends.job_id)",
+                (json.dumps({o.job_id: o.results.get("delivered", {}) for o in unsent}),),
+            )
         if any(o.status is JobStatus.RETRYING for o in outcomes):
             self._notify_work()
         return [o.job_id in applied for o in outcomes]
@@ -476,9 +492,9 @@ class SQLiteStore(Store):
                 deferred[job.id] = until
                 continue
             await self._run(
-                "INSERT INTO recipient_sends (recipient, sent_at)"
-                " SELECT value, ? FROM json_each(?)",
-                (now, recipients),
+                "INSERT INTO recipient_sends (recipient, sent_at, job_id)"
+                " SELECT value, ?, ? FROM json_each(?)",
+                (now, job.id, recipients),
             )
         if deferred:
             await self._run(
@@ -584,19 +600,28 @@ class SQLiteStore(Store):
     async def record_receipts(self, reports: Sequence[ReceiptReport]) -> list[bool]:
         return [await self._record_receipt(report) for report in reports]
 
+    async def _provider_ref(self, ref: str) -> list[sqlite3.Row]:
+        return await self._run(
+            "SELECT p.job_id, p.recipient, j.channel, j.receipts FROM provider_refs p"
+            " JOIN jobs j ON j.id = p.job_id WHERE p.ref = ?",
+            (ref,),
+        )
+
     async def _record_receipt(self, report: ReceiptReport) -> bool:
         if report.by == "provider_id":
-            rows = await self._run(
-                "SELECT p.job_id, p.recipient, j.channel, j.receipts FROM provider_refs p"
-                " JOIN jobs j ON j.id = p.job_id WHERE p.ref = ?",
-                (report.reference,),
-            )
+            rows = await self._provider_ref(report.reference)
             if not rows:
-                await self._run(
-                    "INSERT INTO receipt_orphans (ref, receipt, created_at) VALUES (?, ?, ?)",
+                # One statement: the delivery that carries this id is recorded either before
+                # it (nothing is kept, and the id is there now) or after it (and adopts it).
+                kept = await self._run(
+                    "INSERT INTO receipt_orphans (ref, receipt, created_at) SELECT ?1, ?2, ?3"
+                    " WHERE NOT EXISTS (SELECT 1 FROM provider_refs WHERE ref = ?1)"
+                    " RETURNING 1",
                     (report.reference, json.dumps(sql.receipt_patch("", report)[""]), time.time()),
                 )
-                return False
+                if kept:
+                    return False
+                rows = await self._provider_ref(report.reference)
             job_id, recipient, channel, receipts = rows[0]
         else:
             rows = await self._run(

@@ -159,8 +159,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             created_at timestamptz NOT NULL DEFAULT now()
         );
 
-        CREATE TABLE recipient_sends (recipient text NOT NULL, sent_at timestamptz NOT NULL);
+        -- Sends counted by pacing: taken when a job is admitted, given back if its send fails.
+        CREATE TABLE recipient_sends (
+            recipient text NOT NULL,
+            sent_at timestamptz NOT NULL,
+            job_id text NOT NULL
+        );
         CREATE INDEX recipient_sends_by ON recipient_sends (recipient, sent_at);
+        CREATE INDEX recipient_sends_job ON recipient_sends (job_id);
         CREATE TABLE recipient_holds (recipient text PRIMARY KEY, until timestamptz NOT NULL);
 
         CREATE FUNCTION notifier_final_event() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -201,6 +207,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE FUNCTION notifier_adopt_orphans() RETURNS trigger LANGUAGE plpgsql AS $$
         DECLARE found jsonb;
         BEGIN
+            -- Receipts that find no id take the same lock before they keep themselves.
+            PERFORM pg_advisory_xact_lock(hashtext('notifier:ref:' || NEW.ref));
             WITH adopted AS (DELETE FROM receipt_orphans WHERE ref = NEW.ref
                              RETURNING receipt, created_at)
             SELECT receipt INTO found FROM adopted ORDER BY created_at DESC LIMIT 1;

@@ -206,12 +206,30 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
-        """A transaction-level advisory lock for the block (so PgBouncer's transaction mode
-        keeps it too): one instance at a time does ``name``, the others skip it."""
-        async with self._connection(transaction=True) as conn:
-            yield await conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtext($1))", f"notifier:{name}"
-            )
+        """A session advisory lock for the block, on a connection of its own: one instance at
+        a time does ``name``, the others skip it. What the block raises is its own (a mailbox
+        error is not a database error). Behind PgBouncer in transaction mode a session lock
+        does not hold across statements, so there every instance may do ``name``."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        key = f"notifier:{name}"
+        try:
+            conn = await self._pool.acquire(timeout=self._timeout)
+        except DATABASE_ERRORS as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+        try:
+            try:
+                locked = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+            except DATABASE_ERRORS as exc:
+                raise StoreUnavailable(f"postgresql: {exc}") from exc
+            try:
+                yield bool(locked)
+            finally:
+                if locked:
+                    with contextlib.suppress(*DATABASE_ERRORS):
+                        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        finally:
+            await self._pool.release(conn)
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -340,6 +358,16 @@ class PostgresStore(Store):
                 self._shard,
             )
         applied = {row["id"] for row in rows}
+        unsent = [
+            o for o in outcomes if o.status is not JobStatus.DELIVERED and o.job_id in applied
+        ]
+        if unsent:
+            async with self._connection() as conn:
+                await conn.execute(
+                    "DELETE FROM recipient_sends s USING jsonb_each($1::jsonb) AS o"
+                    " WHERE s.job_id = o.key AND NOT (o.value ? s.recipient)",
+                    json.dumps({o.job_id: o.results.get("delivered", {}) for o in unsent}),
+                )
         if any(o.status is JobStatus.RETRYING for o in outcomes):
             self._notify_work()
         return [o.job_id in applied for o in outcomes]
@@ -607,9 +635,10 @@ class PostgresStore(Store):
                     deferred[job.id] = until
                     continue
                 await conn.execute(
-                    "INSERT INTO recipient_sends (recipient, sent_at)"
-                    " SELECT n, now() FROM unnest($1::text[]) AS n",
+                    "INSERT INTO recipient_sends (recipient, sent_at, job_id)"
+                    " SELECT n, now(), $2 FROM unnest($1::text[]) AS n",
                     recipients,
+                    job.id,
                 )
             if deferred:
                 await conn.execute(
@@ -713,14 +742,21 @@ class PostgresStore(Store):
             )
 
     async def record_receipts(self, reports: Sequence[ReceiptReport]) -> list[bool]:
-        async with self._connection(transaction=True) as conn:
-            return [await self._record_receipt(conn, report) for report in reports]
+        return [await self._record_receipt(report) for report in reports]
 
-    async def _record_receipt(self, conn: AnyConnection, report: ReceiptReport) -> bool:
-        if report.by == "provider_id":
-            row = await conn.fetchrow(
+    async def _provider_ref(self, report: ReceiptReport) -> asyncpg.Record | None:
+        """The delivery a provider id names, or None, and then the receipt is kept for it.
+
+        Under the id's lock, which the delivery's record takes too before it adopts what was
+        kept, and in a transaction of its own, so that it never waits on the job's row while
+        holding the lock."""
+        async with self._connection(transaction=True) as conn:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('notifier:ref:' || $1))", report.reference
+            )
+            row: asyncpg.Record | None = await conn.fetchrow(
                 "SELECT p.job_id, p.recipient, j.channel, j.receipts FROM provider_refs p"
-                " JOIN jobs j ON j.id = p.job_id WHERE p.ref = $1 FOR UPDATE OF j",
+                " JOIN jobs j ON j.id = p.job_id WHERE p.ref = $1",
                 report.reference,
             )
             if row is None:
@@ -729,13 +765,20 @@ class PostgresStore(Store):
                     report.reference,
                     json.dumps(sql.receipt_patch("", report)[""]),
                 )
+        return row
+
+    async def _record_receipt(self, report: ReceiptReport) -> bool:
+        if report.by == "provider_id":
+            row = await self._provider_ref(report)
+            if row is None:
                 return False
             job_id, recipient = row["job_id"], row["recipient"]
         else:
-            row = await conn.fetchrow(
-                "SELECT channel, message, results, receipts FROM jobs WHERE id = $1 FOR UPDATE",
-                report.reference,
-            )
+            async with self._connection() as conn:
+                row = await conn.fetchrow(
+                    "SELECT channel, message, results, receipts FROM jobs WHERE id = $1",
+                    report.reference,
+                )
             if row is None:
                 return False
             job_id = report.reference
@@ -748,6 +791,15 @@ class PostgresStore(Store):
         known = json.loads(row["receipts"] or "{}")
         if sql.same_receipt(known.get(recipient), report):
             return True
+        async with self._connection(transaction=True) as conn:
+            await conn.execute(
+                "UPDATE jobs SET receipts = coalesce(receipts, '{}') || $1::jsonb WHERE id = $2",
+                json.dumps(sql.receipt_patch(recipient, report)),
+                job_id,
+            )
+            if row["channel"] == "email" and sql.is_hard_bounce(report):
+                await self._suppress(conn, bare_address(recipient), report.reason or "hard bounce")
+        return True
         await conn.execute(
             "UPDATE jobs SET receipts = coalesce(receipts, '{}') || $1::jsonb WHERE id = $2",
             json.dumps(sql.receipt_patch(recipient, report)),

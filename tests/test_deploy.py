@@ -4,7 +4,8 @@ promtool (Debian's ``prometheus`` package; .ci/run installs it) checks the rules
 unit tests in tests/data/prometheus/ and parses every dashboard query. The real service, with
 email and SMS jobs flowing through it, is scraped to show that every ``notifier_*`` metric the
 dashboard and the alerts name is one it exports: a renamed metric breaks this test, not a
-dashboard nobody looks at until the night it is needed.
+dashboard nobody looks at until the night it is needed. Then a real Prometheus (same package)
+scrapes that service and evaluates every rule and panel query on its data.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ import pytest
 import trustme
 import yaml
 
+from tests.support.http_sink import HTTPSink
+from tests.support.prometheus import metric
 from tests.support.server import LineConnection, free_port, running_server
 from tests.support.smtp import running_smtp_sink
 from tests.support.waiting import wait_for
@@ -111,6 +116,87 @@ def assert_succeeds(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def all_queries() -> dict[str, str]:
+    """The dashboard's queries and the alert expressions, by where they are."""
+    return {
+        **{f"dashboard {where}": query for where, query in dashboard_queries(dashboard()).items()},
+        **{f"alert {rule['alert']}": rule["expr"] for rule in alert_rules()},
+    }
+
+
+# --- running Prometheus --------------------------------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus server's HTTP API."""
+
+    http: httpx.AsyncClient
+
+    async def api(self, path: str, **params: str) -> Any:
+        body = (await self.http.get(f"/api/v1/{path}", params=params)).json()
+        assert body["status"] == "success" and not body.get("warnings"), (path, params, body)
+        return body["data"]
+
+    async def query(self, promql: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self.api("query", query=promql))["result"]
+        return result
+
+    async def rules(self) -> list[dict[str, Any]]:
+        groups = (await self.api("rules"))["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
+
+@asynccontextmanager
+async def running_prometheus(directory: Path, metrics_url: str) -> AsyncIterator[Prometheus]:
+    """Prometheus on 127.0.0.1 with deploy/prometheus's config, pointed at ``metrics_url``,
+    scraping and evaluating the rules every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(f"prometheus is not installed ({APT_HINT})")
+    directory.mkdir()
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    config["scrape_configs"][0]["static_configs"] = [
+        {"targets": [httpx.URL(metrics_url).netloc.decode()]}
+    ]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    address = f"127.0.0.1:{free_port()}"
+    log_path = directory / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address={address}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{address}") as http:
+
+            async def ready() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(f"prometheus exited: {log_path.read_text()}")
+                try:
+                    return (await http.get("/-/ready")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, timeout=30, what=f"prometheus on {address}")
+            yield Prometheus(http)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 # --- Prometheus ----------------------------------------------------------------------------
 
 
@@ -181,11 +267,13 @@ def test_every_dashboard_query_is_promql_naming_a_notifier_metric(tmp_path: Path
 # --- against the real service --------------------------------------------------------------
 
 
-async def test_every_metric_named_is_exported_by_the_service(
-    tmp_path: Path, tls_ca: trustme.CA
-) -> None:
-    # Email through a real SMTP relay (a circuit and a session window to export), SMS to a
-    # gateway that is down (retried, then failed for good).
+@asynccontextmanager
+async def service_with_traffic(
+    tmp_path: Path, tls_ca: trustme.CA, hook: HTTPSink
+) -> AsyncIterator[str]:
+    """The real service, its /metrics URL once these jobs are final: an email through a real
+    SMTP relay (a circuit and a session window to export) with a callback, its duplicate, an
+    SMS to a gateway that is down (retried, then failed for good), a line of bad JSON."""
     async with (
         running_smtp_sink("none", tls_ca) as relay,
         running_server(
@@ -199,22 +287,48 @@ async def test_every_metric_named_is_exported_by_the_service(
             retry_max_attempts=2,
         ) as server,
     ):
-        conn = await LineConnection.open(server.port)
-        email = await conn.request(
-            {"channel": "email", "to": "ada@example.com", "subject": "Hi", "text": "Hello"}
-        )
-        sms = await conn.request({"channel": "sms", "to": "+14155550101", "text": "code 1234"})
-
-        async def final() -> bool:
-            statuses = [(await conn.status(answer["id"]))["status"] for answer in (email, sms)]
-            return statuses == ["delivered", "failed"]
-
-        await wait_for(final, what="the email delivered and the SMS failed")
-        await conn.close()
         assert server.service.ops is not None
+        url = f"http://127.0.0.1:{server.service.ops.port}/metrics"
+        email = {
+            "channel": "email",
+            "to": "ada@example.com",
+            "subject": "Hi",
+            "text": "Hello",
+            "idempotency_key": "order-1",
+            "callback_url": hook.url + "/hook",
+        }
+        conn = await LineConnection.open(server.port)
+        await conn.send(email, email, {"channel": "sms", "to": "+14155550101", "text": "1234"})
+        await conn.send(b"{bad json\n")
+        for _ in range(4):
+            await conn.answer()
         async with httpx.AsyncClient() as http:
-            scrape = await http.get(f"http://127.0.0.1:{server.service.ops.port}/metrics")
-        assert scrape.status_code == 200
+
+            async def final() -> bool:
+                text = (await http.get(url)).text
+                return all(
+                    metric(text, name, labels) == 1
+                    for name, labels in (
+                        ("notifier_queue_depth", 'status="delivered"'),
+                        ("notifier_queue_depth", 'status="failed"'),
+                        ("notifier_callbacks_total", 'outcome="sent"'),
+                    )
+                )
+
+            await wait_for(final, what="the email delivered, its callback sent, the SMS failed")
+        await conn.close()
+        yield url
+
+
+async def test_every_metric_named_is_exported_by_the_service(
+    tmp_path: Path, tls_ca: trustme.CA, http_sink: HTTPSink
+) -> None:
+    async with (
+        service_with_traffic(tmp_path, tls_ca, http_sink) as url,
+        httpx.AsyncClient() as http,
+    ):
+        scrape = await http.get(url)
+    assert scrape.status_code == 200
 
     exported = exported_names(scrape.text)
     # The scrape is that of a working service: the series the jobs made are there.
@@ -222,16 +336,48 @@ async def test_every_metric_named_is_exported_by_the_service(
         "notifier_jobs_delivered_total",
         "notifier_jobs_retried_total",
         "notifier_jobs_failed_total",
+        "notifier_jobs_duplicate_total",
+        "notifier_callbacks_total",
         "notifier_circuit_state",
         "notifier_smtp_sessions_window",
     } <= sample_names(scrape.text)
-    named = {
-        **{f"dashboard {where}": query for where, query in dashboard_queries(dashboard()).items()},
-        **{f"alert {rule['alert']}": rule["expr"] for rule in alert_rules()},
-    }
     missing = {
         where: sorted(set(NOTIFIER_METRIC.findall(query)) - exported)
-        for where, query in named.items()
+        for where, query in all_queries().items()
         if set(NOTIFIER_METRIC.findall(query)) - exported
     }
     assert missing == {}, "metrics the service does not export"
+
+
+async def test_prometheus_evaluates_every_query_and_rule_against_the_service(
+    tmp_path: Path, tls_ca: trustme.CA, http_sink: HTTPSink
+) -> None:
+    """What only real data shows: a query or rule Prometheus refuses to evaluate (vector
+    matching, duplicate label sets) and a panel that stays empty on a working service."""
+    async with (
+        service_with_traffic(tmp_path, tls_ca, http_sink) as url,
+        running_prometheus(tmp_path / "prometheus", url) as prometheus,
+    ):
+        # Two scrapes after the traffic, so every rate has its two samples.
+        await wait_for(
+            lambda: prometheus.query("count_over_time(notifier_jobs_delivered_total[1m]) >= 2"),
+            timeout=30,
+            what="two scrapes by Prometheus",
+        )
+        seen = {rule["name"]: rule["lastEvaluation"] for rule in await prometheus.rules()}
+
+        async def evaluated_again() -> dict[str, dict[str, Any]] | None:
+            rules = {rule["name"]: rule for rule in await prometheus.rules()}
+            fresh = all(rule["lastEvaluation"] != seen[name] for name, rule in rules.items())
+            return rules if fresh else None
+
+        rules = await wait_for(evaluated_again, timeout=30, what="the rules evaluated again")
+        assert {name: rule["health"] for name, rule in rules.items()} == {
+            rule["alert"]: "ok" for rule in alert_rules()
+        }, {name: rule.get("lastError") for name, rule in rules.items()}
+        queries = dashboard_queries(dashboard())
+        answers = {where: await prometheus.query(as_promql(q)) for where, q in queries.items()}
+    # Empty on a working service only where no event has happened yet (receipts) or while
+    # nothing waits (the queue has drained).
+    expected_empty = {w for w, query in queries.items() if re.search(r"receipts|waiting", query)}
+    assert {where for where, result in answers.items() if not result} == expected_empty

@@ -251,6 +251,20 @@ def test_the_dashboard_imports_with_a_prometheus_datasource_input() -> None:
         assert variable["datasource"] == source, variable["name"]
 
 
+def test_the_dashboard_panels_fit_the_grid_without_overlapping() -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in panels(dashboard()):
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for cell in (
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        ):
+            assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+            taken[cell] = panel["title"]
+
+
 def test_every_dashboard_query_is_promql_naming_a_notifier_metric(tmp_path: Path) -> None:
     queries = dashboard_queries(dashboard())
     assert {where for where, query in queries.items() if not NOTIFIER_METRIC.search(query)} == set()

@@ -22,7 +22,8 @@ from notifier.metrics import Metrics
 from notifier.models import Job, JobStatus, Message, NewJob, Priority, Receipt, utcnow
 from notifier.settings import RecipientLimit
 from notifier.store import Store, open_store
-from tests.support.server import isolated_settings
+from tests.support.http_sink import HTTPSink, ihuyi_gateway
+from tests.support.server import LineConnection, isolated_settings, running_server
 from tests.support.waiting import wait_for
 
 Script = Callable[[Message, int], Receipt]
@@ -368,3 +369,37 @@ async def test_a_too_often_answer_holds_every_job_to_that_number(
     waiting = await job(store, "other-job")
     assert waiting.status is JobStatus.QUEUED and waiting.attempts == 0
     assert waiting.run_at > utcnow() + timedelta(minutes=9)
+
+
+async def test_a_4081_from_a_real_ihuyi_gateway_holds_the_next_job_to_that_number(
+    tmp_path: Path, http_sink: HTTPSink
+) -> None:
+    http_sink.respond_with(ihuyi_gateway(codes={"13800138000": 4081}))
+    gateway = {
+        "sms_provider": "ihuyi",
+        "sms_url": http_sink.url + "/sms?method=Submit",
+        "sms_account": "C0000001",
+        "sms_api_key": "k" * 32,
+    }
+    async with running_server(tmp_path, **gateway) as server:
+        conn = await LineConnection.open(server.port)
+        sms = {"channel": "sms", "to": "+8613800138000", "text": "code 1"}
+        first = await conn.request(sms)
+
+        async def throttled() -> bool:
+            return (await conn.status(first["id"]))["status"] == "retrying"
+
+        await wait_for(throttled, what="the first job answered 4081")
+        second = await conn.request({**sms, "text": "code 2"})
+        other = await conn.request({**sms, "to": "+8613900139000"})
+
+        async def other_delivered() -> bool:
+            return (await conn.status(other["id"]))["status"] == "delivered"
+
+        await wait_for(other_delivered, what="a job to another number delivered")
+        held = await conn.status(second["id"])
+        assert (held["status"], held["attempts"]) == ("queued", 0)
+        assert held["run_at"] > held["created_at"]
+        mobiles = [request.form()["mobile"] for request in http_sink.requests]
+        assert mobiles.count("13800138000") == 1, "the held number was not tried again"
+        await conn.close()

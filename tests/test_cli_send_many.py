@@ -167,12 +167,16 @@ async def test_data_columns_fill_the_template(
     (tmp_path / "templates" / "welcome.sms.j2").write_text("Welcome, {{ name }} from {{ city }}!")
     header = ["channel", "to", "template", "data.name", "data.city"]
     rows = [["sms", "+14155550101", "welcome", "Ada", "London"]]
-    rows.append(["sms", "+14155550102", "welcome", "Grace", "New York"])
+    rows.append(["sms", "+14155550102; +14155550103", "welcome", "Grace", "New York"])
     path = write_csv(tmp_path / "welcome.csv", header, rows)
     async with running_server(tmp_path) as server:
         assert await send_many(server, path, "--wait") == 0
-        texts = sorted(line["text"] for line in outbox_lines(server))
-        assert texts == ["Welcome, Ada from London!", "Welcome, Grace from New York!"]
+        sent = sorted((line["to"], line["text"]) for line in outbox_lines(server))
+    assert sent == [
+        ("+14155550101", "Welcome, Ada from London!"),
+        ("+14155550102", "Welcome, Grace from New York!"),
+        ("+14155550103", "Welcome, Grace from New York!"),
+    ]
 
 
 async def test_wait_summarises_statuses_and_lists_the_failed_rows(

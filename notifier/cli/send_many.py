@@ -109,17 +109,18 @@ def send_many(client: Client, args: argparse.Namespace) -> int:
     try:
         return _deliver(client, args, valid, _meter())
     except KeyboardInterrupt:
-        return _fail("interrupted", "run the same command again: it sends only what is left")
+        message = "run the same command again: it sends only what is left"
+        return _fail("interrupted", message, status=130)
 
 
-def load(path: Path, format: str | None = None) -> list[Row]:
+def load(path: Path, kind: str | None = None) -> list[Row]:
     """The rows of the file, each checked and given its idempotency key."""
-    format = format or FORMATS.get(path.suffix.lower())
-    if format is None:
+    kind = kind or FORMATS.get(path.suffix.lower())
+    if kind is None:
         raise BadFile(f"{path}: cannot tell the format from the extension; give --format")
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
-            rows = list(_csv_rows(file) if format == "csv" else _jsonl_rows(file))
+            rows = list(_csv_rows(file) if kind == "csv" else _jsonl_rows(file))
     except OSError as exc:
         raise BadFile(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

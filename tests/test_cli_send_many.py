@@ -16,6 +16,7 @@ import pytest
 
 from notifier import AsyncClient
 from notifier.cli import main
+from notifier.cli import send_many as cli_send_many
 from tests.support.http_sink import HTTPSink, Reply
 from tests.support.server import RunningServer, running_server
 from tests.support.waiting import wait_for
@@ -61,14 +62,16 @@ async def stored_jobs(server: RunningServer) -> int:
 
 
 async def test_ten_thousand_rows_are_delivered_once_and_a_rerun_sends_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cli_send_many, "LINE_INTERVAL", 0.0)  # a progress line per chunk
     rows = write_csv(tmp_path / "codes.csv", ["channel", "to", "text"], sms_rows(10_000))
     async with running_server(tmp_path) as server:
         assert await send_many(server, rows) == 0
         out, err = capsys.readouterr()
         assert out == "stored 10000 new job(s), 0 already stored (duplicates), 0 refused\n"
-        assert err.splitlines()[-1].startswith("sending: 10000/10000 rows, ")
+        progress = [line.split(" rows, ")[0] for line in err.splitlines()]
+        assert progress == [f"sending: {n}/10000" for n in range(500, 10_001, 500)]
         assert "\r" not in err and "\x1b" not in err
         await wait_for(lambda: outbox_count(server) >= 10_000, timeout=60, what="10,000 sent")
 
@@ -202,6 +205,20 @@ async def test_wait_summarises_statuses_and_lists_the_failed_rows(
     failed = summary[6].split(maxsplit=3)
     assert failed[0] == "5" and failed[2] == "failed" and "400" in failed[3]
     assert err.splitlines()[-1].startswith("waiting: 5/5 rows, ")
+
+
+async def test_wait_gives_up_after_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header, rows = (
+        ["channel", "to", "text", "send_at"],
+        [["sms", "+14155550101", "x", "2100-01-01T00:00:00Z"]],
+    )
+    path = write_csv(tmp_path / "later.csv", header, rows)
+    async with running_server(tmp_path) as server:
+        assert await send_many(server, path, "--wait", "--timeout", "0.05") == 1
+        err = capsys.readouterr().err
+    assert err.endswith("error: timeout: 1 of 1 jobs not final after 0.05s\n")
 
 
 async def test_refused_rows_are_reported_and_exit_1(

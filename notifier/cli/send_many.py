@@ -241,7 +241,12 @@ def _wait(
     with meter.step("waiting", len(sent)) as advance:
         for row, job_id in sent:
             remaining = max(deadline - time.monotonic(), 0.0)
-            finals.append((row, client.wait(job_id, timeout=remaining)))
+            try:
+                finals.append((row, client.wait(job_id, timeout=remaining)))
+            except TimeoutError:
+                left = len(sent) - len(finals)
+                message = f"{left} of {len(sent)} jobs not final after {timeout:g}s"
+                raise TimeoutError(message) from None
             advance(1)
     return finals
 
@@ -313,7 +318,7 @@ class _Lines:
         def advance(done: int) -> None:
             nonlocal count, last
             count += done
-            if time.monotonic() - last >= LINE_INTERVAL:
+            if count < total and time.monotonic() - last >= LINE_INTERVAL:
                 last = time.monotonic()
                 self._print(what, count, total, last - started)
 

@@ -208,6 +208,7 @@ def _prepare(rows: Iterable[Row], file_identity: str) -> None:
 
 
 def _deliver(client: Client, args: argparse.Namespace, rows: list[Row], meter: Meter) -> int:
+    """Send in chunks, so that the progress moves, and name each refused row by its line."""
     sent: list[tuple[Row, str]] = []
     duplicates = refused = 0
     with meter.step("sending", len(rows)) as advance:

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "notifier.cli.serve",
     "notifier.cli.templates",
     "notifier.cli.client",
+    "notifier.cli.send_many",
     "notifier.cli.migrate",
 )
 

@@ -61,6 +61,15 @@ async def test_send_status_and_delivery(tmp_path: Path) -> None:
         (b'{"channel": "email", "to": "a@example.com", "template": "nope"}\n', "unknown_template"),
         (b'{"op": "status", "id": "no-such-job"}\n', "not_found"),
         (b'{"op": "cancel", "id": "no-such-job"}\n', "not_found"),
+        (b'{"op": "ping", "ref": NaN}\n', "invalid_json"),
+        (b'{"op": "ping", "ref": 1e400}\n', "invalid_request"),
+        (b'{"op": "jobs", "since": "99999999999d"}\n', "invalid_request"),
+        (b'{"op": "purge", "older_than": 1e308}\n', "invalid_request"),
+        (
+            b'{"channel": "email", "to": "a@example.com", "text": "x",'
+            b' "send_at": "9999-12-31T23:59:59-23:59"}\n',
+            "invalid_request",
+        ),
     ],
 )
 async def test_error_codes(tmp_path: Path, line: bytes, code: str) -> None:

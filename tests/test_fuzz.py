@@ -151,13 +151,16 @@ class Live:
     fuzzed: LineConnection
     watcher: LineConnection
 
-    async def exchange(self, line: bytes) -> list[dict[str, Any]]:
+    async def exchange(
+        self, line: bytes, *, on: LineConnection | None = None
+    ) -> list[dict[str, Any]]:
         """Send ``line`` with a ping behind it; its answers are what came before the ping's."""
-        await self.fuzzed.send(line + b"\n", SENTINEL)
+        conn = on or self.fuzzed
+        await conn.send(line + b"\n", SENTINEL)
         answers = []
-        while (answer := await self.fuzzed.answer(timeout=60)) != SENTINEL_ANSWER:
+        while (answer := await conn.answer(timeout=60)) != SENTINEL_ANSWER:
             answers.append(answer)
-        expected = 1 if line.replace(b"\r", b"").strip() else 0
+        expected = 1 if line.strip() else 0
         assert len(answers) == expected, (line[:200], answers)
         for answer in answers:
             assert_known_answer(answer)
@@ -275,6 +278,23 @@ MANY_NUMBERS = [f"+1415{n:07d}" for n in range(20_000)]
 @example(line=b'{"op": "ping", "ref": -Infinity}')
 async def test_every_field_with_wrong_types_and_extreme_values(live: Live, line: bytes) -> None:
     await live.exchange(line)
+
+
+@FUZZ
+@given(line=spoiled_requests())
+@example(line=line_of({**EMAIL, "token": ""}))
+@example(line=line_of({**EMAIL, "token": TOKEN[:-1]}))
+@example(line=line_of({**EMAIL, "token": TOKEN + "\x00"}))
+@example(line=line_of({"op": "purge", "older_than": "0s", "token": [TOKEN]}))
+async def test_without_a_token_nothing_but_ping_is_done(live: Live, line: bytes) -> None:
+    stranger = await LineConnection.open(live.server.port)
+    try:
+        answers = await live.exchange(line, on=stranger)
+    finally:
+        await stranger.close()
+    request = json.loads(line)
+    if answers and answers[0]["ok"] and request.get("token") != TOKEN:
+        assert request.get("op") == "ping", (request, answers)
 
 
 # Templates: operators write them, but any app's data goes in.

@@ -108,13 +108,20 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
 def _in_utc_range(moment: datetime) -> datetime:
-    """A moment the stores can keep and read back: within years 1 to 9999 in UTC, since
-    ``9999-12-31T23:59:59-23:59`` parses but is year 10000 once stored."""
+    """A moment the stores can keep and read back: ``9999-12-31T23:59:59-23:59`` parses but is
+    year 10000 in UTC, and asyncpg stores the very first and last moments as -infinity and
+    infinity, reading them back without a time zone."""
     try:
-        moment.astimezone(UTC)
+        in_range = _EARLIEST < moment.astimezone(UTC) < _LATEST
     except OverflowError:
-        raise ValueError("must fall within the years 1 to 9999 in UTC") from None
+        in_range = False
+    if not in_range:
+        raise ValueError("must fall within the years 1 to 9999 in UTC")
     return moment
 
 

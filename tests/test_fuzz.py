@@ -171,7 +171,17 @@ class Live:
 
 
 @pytest.fixture
-async def live(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Live]:
+def store(request: pytest.FixtureRequest) -> dict[str, str]:
+    """SQLite, unless a test parametrizes ``store`` with ``"postgres"``."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        return {"database_url": request.getfixturevalue("postgres_url")}
+    return {}
+
+
+@pytest.fixture
+async def live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, store: dict[str, str]
+) -> AsyncIterator[Live]:
     templates = tmp_path / "templates"
     templates.mkdir()
     (templates / "welcome.email.j2").write_text(
@@ -180,7 +190,7 @@ async def live(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterato
         "{% block html %}<p>{{ name }}</p>{% endblock %}"
     )
     (templates / "code.sms.j2").write_text("Your code is {{ code }}")
-    async with running_server(tmp_path, auth_tokens=TOKEN) as server:
+    async with running_server(tmp_path, auth_tokens=TOKEN, **store) as server:
         fuzzed = await LineConnection.open(server.port)
         assert await fuzzed.request({"op": "auth", "token": TOKEN}) == {"ok": True}
         watcher = await LineConnection.open(server.port)
@@ -295,6 +305,18 @@ async def test_without_a_token_nothing_but_ping_is_done(live: Live, line: bytes)
     request = json.loads(line)
     if answers and answers[0]["ok"] and request.get("token") != TOKEN:
         assert request.get("op") == "ping", (request, answers)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+@settings(FUZZ, max_examples=60)
+@given(line=spoiled_requests())
+@example(line=line_of({**EMAIL, "send_at": "0001-01-01T00:00:00Z"}))
+@example(line=line_of({**EMAIL, "send_at": "9999-12-31T23:59:59.999999Z"}))
+@example(line=line_of({"op": "jobs", "since": "0001-01-01T00:00:00Z"}))
+@example(line=line_of({**EMAIL, "to": MANY_EMAILS}))
+async def test_every_field_on_postgresql(live: Live, line: bytes) -> None:
+    await live.exchange(line)
 
 
 # Templates: operators write them, but any app's data goes in.

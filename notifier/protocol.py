@@ -6,8 +6,9 @@ errors are developers wiring up an app, often from another language.
 
 from __future__ import annotations
 
+import math
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
 
@@ -28,7 +29,8 @@ from notifier.errors import InvalidJSON, InvalidRequest, NotifierError, UnknownO
 from notifier.models import JobStatus, Priority, bare_address, utcnow
 from notifier.settings import HttpUrlText
 
-Ref = StrictStr | StrictInt | StrictFloat
+#: A finite number only: ``1e400`` parses as infinity, which no JSON answer can echo.
+Ref = StrictStr | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 def _recipient_list(value: object) -> list[str]:
@@ -78,7 +80,7 @@ class SendRequest(_Request):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must be an RFC 3339 timestamp with an offset, such as ...Z")
-        return value
+        return value if value is None else _in_utc_range(value)
 
     @field_validator("channel")
     @classmethod
@@ -106,14 +108,36 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
+def _in_utc_range(moment: datetime) -> datetime:
+    """A moment the stores can keep and read back: ``9999-12-31T23:59:59-23:59`` parses but is
+    year 10000 in UTC, and asyncpg stores the very first and last moments as -infinity and
+    infinity, reading them back without a time zone."""
+    try:
+        in_range = _EARLIEST < moment.astimezone(UTC) < _LATEST
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise ValueError("must fall within the years 1 to 9999 in UTC")
+    return moment
+
+
 def parse_duration(value: object) -> timedelta:
     """``90``, ``"90s"``, ``"15m"``, ``"1h"``, ``"30d"``, ``"2w"``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return timedelta(seconds=value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError("must be a duration such as 90s, 15m, 1h or 30d")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        seconds: float = value
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError("must be a duration such as 90s, 15m, 1h or 30d")
+        seconds = float(match[1]) * _UNITS[match[2]]
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError("must be a duration of at most 999999999 days") from None
 
 
 def _since(value: object) -> datetime:
@@ -125,8 +149,11 @@ def _since(value: object) -> datetime:
             raise ValueError("must be a duration (1h) or an RFC 3339 timestamp") from None
         if moment.tzinfo is None:
             raise ValueError("timestamp needs an offset, such as ...Z")
-        return moment
-    return utcnow() - parse_duration(value)
+        return _in_utc_range(moment)
+    try:
+        return utcnow() - parse_duration(value)
+    except OverflowError:
+        raise ValueError("must not reach back before the year 1") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -220,10 +247,11 @@ def decode_line(line: bytes) -> dict[str, Any]:
     """The JSON object of one request line (without its newline).
 
     pydantic-core's parser: several times faster than ``json`` on the intake's hot path.
-    Valid JSON of another kind is a wrong request, not broken JSON (PROTOCOL.md).
+    Valid JSON of another kind is a wrong request, not broken JSON (PROTOCOL.md); ``NaN``
+    and ``Infinity`` are not JSON, whatever the parser would otherwise allow.
     """
     try:
-        data = pydantic_core.from_json(line)
+        data = pydantic_core.from_json(line, allow_inf_nan=False)
     except ValueError as exc:
         raise InvalidJSON(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -235,6 +263,8 @@ def decode_line(line: bytes) -> dict[str, Any]:
 def extract_ref(data: dict[str, Any]) -> Any:
     """The ``ref`` to echo, even when the rest of the request is refused."""
     ref = data.get("ref")
+    if isinstance(ref, float) and not math.isfinite(ref):
+        return None
     return ref if isinstance(ref, (str, int, float)) and not isinstance(ref, bool) else None
 
 

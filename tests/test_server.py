@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,15 @@ async def test_send_status_and_delivery(tmp_path: Path) -> None:
         (b'{"channel": "email", "to": "a@example.com", "template": "nope"}\n', "unknown_template"),
         (b'{"op": "status", "id": "no-such-job"}\n', "not_found"),
         (b'{"op": "cancel", "id": "no-such-job"}\n', "not_found"),
+        (b'{"op": "ping", "ref": NaN}\n', "invalid_json"),
+        (b'{"op": "ping", "ref": 1e400}\n', "invalid_request"),
+        (b'{"op": "jobs", "since": "99999999999d"}\n', "invalid_request"),
+        (b'{"op": "purge", "older_than": 1e308}\n', "invalid_request"),
+        (
+            b'{"channel": "email", "to": "a@example.com", "text": "x",'
+            b' "send_at": "9999-12-31T23:59:59-23:59"}\n',
+            "invalid_request",
+        ),
     ],
 )
 async def test_error_codes(tmp_path: Path, line: bytes, code: str) -> None:
@@ -326,15 +336,39 @@ async def test_send_at_and_cancel(tmp_path: Path) -> None:
         await conn.close()
 
 
-async def test_tls_listener(tmp_path: Path) -> None:
+def tls_files(tmp_path: Path) -> tuple[trustme.CA, dict[str, Path]]:
+    """A test CA and the ``tls_cert``/``tls_key`` settings of a certificate it issued."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    async with running_server(tmp_path, tls_cert=cert_path, tls_key=key_path) as server:
-        context = ssl.create_default_context()
-        ca.configure_trust(context)
+    files = {"tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem"}
+    cert.cert_chain_pems[0].write_to_path(str(files["tls_cert"]))
+    cert.private_key_pem.write_to_path(str(files["tls_key"]))
+    return ca, files
+
+
+def client_context(ca: trustme.CA, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """A client trusting ``ca``, speaking only ``version`` when given."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+        # OpenSSL 3 offers TLS below 1.2 only at security level 0; offer it for real.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def tls_handshake(port: int, context: ssl.SSLContext) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1"),
+    ):
+        pass
+
+
+async def test_tls_listener(tmp_path: Path) -> None:
+    ca, files = tls_files(tmp_path)
+    async with running_server(tmp_path, **files) as server:
+        context = client_context(ca)
         conn = await LineConnection.open(server.port, ssl=context, server_hostname="127.0.0.1")
         assert (await conn.request(EMAIL))["ok"]
         await conn.close()
@@ -343,6 +377,24 @@ async def test_tls_listener(tmp_path: Path) -> None:
         await plain.send({"op": "ping"})
         assert await plain.reader.read() == b"", "plain text is not answered on a TLS listener"
         await plain.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_tls_listener_refuses_protocols_below_tls_1_2(tmp_path: Path) -> None:
+    ca, files = tls_files(tmp_path)
+    async with running_server(tmp_path, **files) as server:
+        old = client_context(ca, ssl.TLSVersion.TLSv1_1)
+        with pytest.raises((ssl.SSLError, ConnectionResetError)) as refused:
+            await asyncio.to_thread(tls_handshake, server.port, old)
+        # The server hung up on the hello (with or without an alert first): the client did
+        # offer TLS 1.1, it did not refuse to itself.
+        assert "NO_PROTOCOLS_AVAILABLE" not in str(refused.value)
+
+        current = client_context(ca, ssl.TLSVersion.TLSv1_2)
+        conn = await LineConnection.open(server.port, ssl=current, server_hostname="127.0.0.1")
+        assert await conn.request({"op": "ping"}) == {"ok": True}
+        assert conn.writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+        await conn.close()
 
 
 class HeldHandler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def test_tls_pair_that_does_not_belong_together_is_refused(tmp_path: Path) -> No
 def test_tls_pair_loads(tmp_path: Path) -> None:
     cert, key = tls_pair(tmp_path)
     settings = load_settings(_env_file=None, tls_cert=cert, tls_key=key)
-    assert settings.tls_enabled and settings.tls_context() is not None
+    context = settings.tls_context()
+    assert settings.tls_enabled and context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
 @pytest.mark.parametrize("url", ["mysql://db/notifier", "notifier.db", "sqlite3:///x.db"])
@@ -119,3 +122,53 @@ def test_several_mistakes_are_named_together(tmp_path: Path) -> None:
 def test_a_refusal_never_shows_a_secret() -> None:
     message = refusal(sms_api_key="s3cret-key", smtp_password="s3cret-pass", smtp_port="x")
     assert "s3cret" not in message
+
+
+#: Every secret setting, each with a value no other setting or message could contain.
+SECRETS: dict[str, str] = {
+    "auth_tokens": "tok-3f9a1c,tok-7b2e44",
+    "smtp_password": "smtp-pw-5d1e",
+    "smtp_fallback_password": "smtp-fallback-pw-8c0a",
+    "sms_api_key": "sms-key-2a6f",
+    "sms_ihuyi_api_key": "ihuyi-key-9e3b",
+    "sms_twilio_api_key": "twilio-token-4c7d",
+    "sms_webhook_api_key": "webhook-key-1f8e",
+    "callback_secret": "callback-secret-6b2c",
+    "bounce_mailbox": "imaps://bounces%40example.com:mailbox-pw-0d9a@mail.example.com",
+}
+SECRET_TEXTS = (
+    "tok-3f9a1c",
+    "tok-7b2e44",
+    "mailbox-pw-0d9a",
+    *(value for name, value in SECRETS.items() if name not in ("auth_tokens", "bounce_mailbox")),
+)
+
+
+def shown_secrets(text: str) -> list[str]:
+    return [secret for secret in SECRET_TEXTS if secret in text]
+
+
+def test_settings_never_show_a_secret() -> None:
+    settings = load_settings(_env_file=None, sms_provider="ihuyi,twilio,webhook", **SECRETS)
+    assert settings.smtp_password is not None
+    assert settings.smtp_password.get_secret_value() == "smtp-pw-5d1e", "the secret is kept"
+    for shown in (repr(settings), str(settings), settings.model_dump_json(), str(vars(settings))):
+        assert shown_secrets(shown) == []
+
+
+def test_a_refusal_next_to_every_secret_shows_none_of_them() -> None:
+    assert shown_secrets(refusal(**SECRETS, smtp_port="x", callback_url="ftp://x")) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://user:mailbox-pw-0d9a@mail.example.com",
+        "imaps://user:mailbox-pw-0d9a@mail.example.com/INBOX",
+        "imaps://user:mailbox-pw-0d9a@mail.example.com:port",
+        "imaps://user:mailbox-pw-0d9a@",
+    ],
+)
+def test_a_bad_mailbox_url_is_refused_without_its_password(url: str) -> None:
+    message = refusal(**{**SECRETS, "bounce_mailbox": url})
+    assert "NOTIFIER_BOUNCE_MAILBOX" in message and shown_secrets(message) == []

@@ -257,7 +257,28 @@ def decode_line(line: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         kind = "null" if data is None else _JSON_KINDS.get(type(data), "a boolean")
         raise InvalidRequest(f"request: must be a JSON object, not {kind}")
+    if b"\\u0000" in line and (field := _nul_in(data)) is not None:
+        raise InvalidRequest(f"{field}: contains a NUL character (\\u0000), which is not stored")
     return data
+
+
+def _nul_in(value: Any, path: str = "") -> str | None:
+    """The first field holding a string with a NUL in it (PostgreSQL stores none)."""
+    if isinstance(value, str):
+        return path or "request" if "\x00" in value else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return path or "request"
+        found = _nul_in(item, path or str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def extract_ref(data: dict[str, Any]) -> Any:

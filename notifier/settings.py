@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(10.0, ge=0)
 
     # Store
-    database_url: str = "sqlite:///./notifier.db"
+    #: Not in ``repr``: a PostgreSQL URL may carry a password.
+    database_url: str = Field("sqlite:///./notifier.db", repr=False)
     retention_days: float = Field(30.0, gt=0)
     database_pool_size: int = Field(10, ge=2)
     database_statement_timeout: float = Field(10.0, gt=0)

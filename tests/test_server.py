@@ -436,3 +436,17 @@ async def test_answers_go_out_in_request_order_whatever_order_they_finish(
         await conn.close()
     finally:
         await server.stop(grace=5.0)
+
+
+async def test_a_nul_character_in_a_string_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """PostgreSQL stores no NUL in text: refused at the door on every store, never a false
+    ``unavailable`` that a client would retry for ever."""
+    async with running_server(tmp_path) as server:
+        conn = await LineConnection.open(server.port)
+        line = b'{"channel": "sms", "to": "+14155550101", "text": "code\\u0000 1234"}\n'
+        answer = await conn.request(line)
+        assert answer["error"]["code"] == "invalid_request"
+        assert answer["error"]["message"].startswith("text: contains a NUL")
+        escaped = b'{"channel": "sms", "to": "+14155550101", "text": "a \\\\u0000 b"}\n'
+        assert (await conn.request(escaped))["ok"], "an escaped backslash is not a NUL"
+        await conn.close()

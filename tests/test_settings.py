@@ -172,3 +172,8 @@ def test_a_refusal_next_to_every_secret_shows_none_of_them() -> None:
 def test_a_bad_mailbox_url_is_refused_without_its_password(url: str) -> None:
     message = refusal(**{**SECRETS, "bounce_mailbox": url})
     assert "NOTIFIER_BOUNCE_MAILBOX" in message and shown_secrets(message) == []
+
+
+def test_a_database_password_is_not_in_the_repr() -> None:
+    settings = Settings(_env_file=None, database_url="postgresql://notifier:hunter2@db/notifier")  # type: ignore[call-arg]
+    assert "hunter2" not in repr(settings)

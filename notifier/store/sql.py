@@ -191,13 +191,17 @@ def status_counts(rows: Iterable[Iterable[Any]]) -> dict[JobStatus, int]:
     return counts
 
 
-def claim_order(due: str, *, oldest: str, limit: str, lock: str = "") -> str:
-    """The ids a claim takes: the ``oldest`` longest-waiting due jobs whatever their priority,
-    then due jobs in priority order, each priority by due time, ``limit`` in all.
+def claim_order(due: str, *, oldest: str | None, limit: str, lock: str = "") -> str:
+    """The ids a claim takes: the ``oldest`` longest-waiting due jobs whatever their priority
+    (none when it is None), then due jobs in priority order, each priority by due time,
+    ``limit`` in all.
 
     ``due`` is ``FROM jobs WHERE <due work of the channel>``; each part reads its own index
     (``jobs_due``, ``jobs_due_by_priority``) in order and stops at its limit.
     """
+    by_priority = f"SELECT id {due} ORDER BY priority, run_at, id LIMIT {limit}{lock}"
+    if oldest is None:
+        return by_priority
     return (
         "SELECT id FROM ("
         f"SELECT id, 0 AS part, row_number() OVER (ORDER BY run_at, id) AS rn FROM"

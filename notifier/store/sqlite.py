@@ -324,7 +324,7 @@ class SQLiteStore(Store):
     ) -> list[Job]:
         now = time.time()
         due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
-        chosen = sql.claim_order(due, oldest="?5", limit="?6")
+        chosen = sql.claim_order(due, oldest="?5" if oldest else None, limit="?6")
         rows = await self._run(
             "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
             f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"

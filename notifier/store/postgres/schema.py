@@ -191,19 +191,6 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHEN (NEW.callback_url IS NOT NULL AND NEW.receipts IS DISTINCT FROM OLD.receipts)
             EXECUTE FUNCTION notifier_receipt_event();
 
-        CREATE FUNCTION notifier_provider_refs() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            INSERT INTO provider_refs (ref, job_id, recipient)
-                SELECT d.value, NEW.id, d.key FROM jsonb_each_text(NEW.results -> 'delivered') d
-                WHERE d.value IS NOT NULL
-                ON CONFLICT DO NOTHING;
-            RETURN NULL;
-        END $$;
-        CREATE TRIGGER jobs_provider_refs AFTER UPDATE OF results ON jobs FOR EACH ROW
-            WHEN (NEW.channel <> 'email' AND NEW.results ? 'delivered'
-                  AND NEW.results IS DISTINCT FROM OLD.results)
-            EXECUTE FUNCTION notifier_provider_refs();
-
         CREATE FUNCTION notifier_adopt_orphans() RETURNS trigger LANGUAGE plpgsql AS $$
         DECLARE found jsonb;
         BEGIN

@@ -321,7 +321,8 @@ class PostgresStore(Store):
         self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
         due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
-        chosen = sql.claim_order(due, oldest="$5", limit="$4", lock=" FOR UPDATE SKIP LOCKED")
+        lock = " FOR UPDATE SKIP LOCKED"
+        chosen = sql.claim_order(due, oldest="$5" if oldest else None, limit="$4", lock=lock)
         async with self._connection() as conn:
             rows = await conn.fetch(
                 "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
@@ -332,7 +333,7 @@ class PostgresStore(Store):
                 owner,
                 lease_seconds,
                 limit,
-                oldest,
+                *([oldest] if oldest else []),
             )
         return sql.in_claim_order(map(ROWS.job, rows))
 
@@ -346,7 +347,13 @@ class PostgresStore(Store):
                 " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
                 " AS o(id, status, last_error, run_at, results)"
                 " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = $6"
-                " RETURNING jobs.id, jobs.status), "
+                " RETURNING jobs.id, jobs.status, jobs.channel, o.results), "
+                # The provider ids of delivered recipients, for receipts to find their job
+                # (email bounces find it by Message-ID).
+                "refs AS (INSERT INTO provider_refs (ref, job_id, recipient)"
+                " SELECT d.value, done.id, d.key FROM done"
+                " CROSS JOIN LATERAL jsonb_each_text(done.results::jsonb -> 'delivered') AS d"
+                " WHERE done.channel <> 'email' AND d.value IS NOT NULL ON CONFLICT DO NOTHING), "
                 + TALLY.format(shard="$7::smallint", source="done", sign="")
                 + " SELECT id FROM done",
                 [o.job_id for o in outcomes],

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # notifier as a container image: the wheel is built in one stage and installed into a slim
 # Python 3.11 runtime in the next, which has no compiler, no build tools and no source tree.
 #

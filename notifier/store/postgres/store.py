@@ -807,11 +807,3 @@ class PostgresStore(Store):
             if row["channel"] == "email" and sql.is_hard_bounce(report):
                 await self._suppress(conn, bare_address(recipient), report.reason or "hard bounce")
         return True
-        await conn.execute(
-            "UPDATE jobs SET receipts = coalesce(receipts, '{}') || $1::jsonb WHERE id = $2",
-            json.dumps(sql.receipt_patch(recipient, report)),
-            job_id,
-        )
-        if row["channel"] == "email" and sql.is_hard_bounce(report):
-            await self._suppress(conn, bare_address(recipient), report.reason or "hard bounce")
-        return True

@@ -25,8 +25,7 @@ import pydantic_core
 
 from notifier.backoff import Backoff
 from notifier.batching import Batcher
-from notifier.channels.sms.base import retry_after
-from notifier.channels.sms.webhook import SIGNATURE_HEADER, sign
+from notifier.http import SIGNATURE_HEADER, retry_after, sign
 from notifier.metrics import Metrics
 from notifier.models import CallbackState, Event, EventOutcome, isoformat, utcnow
 from notifier.settings import Settings

@@ -49,7 +49,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from notifier.channels.sms.webhook import SIGNATURE_HEADER, sign
+from notifier.http import SIGNATURE_HEADER, sign
 from notifier.metrics import Metrics
 from notifier.models import utcnow
 

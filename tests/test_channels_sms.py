@@ -21,7 +21,6 @@ from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker, CircuitState
 from notifier.channels.outbox import OutboxChannel
 from notifier.channels.sms import PROVIDERS, ProviderConfig, SMSChannel, create_channel
-from notifier.channels.sms.base import retry_after
 from notifier.channels.sms.ihuyi import CODES, Fault, code_error, until_next_china_day
 from notifier.dispatcher import Dispatcher
 from notifier.errors import (
@@ -37,6 +36,7 @@ from notifier.errors import (
     TransientDeliveryError,
     throttled,
 )
+from notifier.http import retry_after
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import Message

@@ -19,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
-from notifier.channels.sms.webhook import sign
+from notifier.http import sign
 from notifier.metrics import Metrics
 from notifier.ops import HTTPServer
 from notifier.receipts import AddressBuckets, DeliveryReport, ReceiptsApp

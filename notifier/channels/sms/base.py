@@ -24,7 +24,6 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import httpx
@@ -44,7 +43,8 @@ from notifier.errors import (
     RecipientThrottled,
     TransientDeliveryError,
 )
-from notifier.models import Message, Receipt, utcnow
+from notifier.http import retry_after
+from notifier.models import Message, Receipt
 from notifier.settings import Settings, SettingsError
 
 T = TypeVar("T")
@@ -108,20 +108,6 @@ class SMSProvider(ABC):
     ) -> str | None:
         """Send ``text`` to ``number``; return the provider's message id, or raise
         ``DeliveryError``."""
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds from now, given as seconds or as an HTTP date."""
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (moment - utcnow()).total_seconds())
 
 
 def http_error(

@@ -9,8 +9,6 @@ means the gateway refuses us (a wrong secret), so a later provider takes over.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from typing import Self
 
@@ -18,13 +16,8 @@ import httpx
 from pydantic import SecretStr
 
 from notifier.channels.sms.base import ProviderConfig, SMSProvider, http_error, post
+from notifier.http import SIGNATURE_HEADER, sign
 from notifier.settings import Settings
-
-SIGNATURE_HEADER = "X-Notifier-Signature"
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
 class WebhookProvider(SMSProvider):

@@ -19,9 +19,10 @@ import functools
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-from notifier.errors import InvalidRequest, NotFound, Unavailable
+from notifier.admin import cancel_job, found, retry_job
+from notifier.errors import InvalidRequest, Unavailable
 from notifier.intake import Intake
-from notifier.models import Enqueued, Job, utcnow
+from notifier.models import Enqueued, utcnow
 from notifier.protocol import (
     JobRequest,
     JobsRequest,
@@ -96,12 +97,6 @@ class _Sent:
 Started = asyncio.Future[Fields] | _Sent
 
 
-def _found(job: Job | None) -> Job:
-    if job is None:
-        raise NotFound("id: no such job")
-    return job
-
-
 class Handler:
     def __init__(self, *, intake: Intake, store: Store) -> None:
         self.intake = intake
@@ -130,11 +125,11 @@ class Handler:
 
     @_started
     async def _status(self, request: JobRequest) -> Fields:
-        return _found(await self.store.get(request.id)).to_status()
+        return found(await self.store.get(request.id)).to_status()
 
     @_started
     async def _cancel(self, request: JobRequest) -> Fields:
-        return _found(await self.store.cancel(request.id)).to_status()
+        return (await cancel_job(self.store, request.id)).to_status()
 
     def _nothing(self, request: Request) -> asyncio.Future[Fields]:
         """ping, and auth (the server checked the token: it is per connection)."""
@@ -161,11 +156,7 @@ class Handler:
             raise InvalidRequest("id: give a job id, or since to retry every job failed since")
         if request.id is None:
             return {"ids": await self.store.retry(job_ids=None, since=request.since)}
-        ids = await self.store.retry(job_ids=[request.id], since=None)
-        if not ids:
-            job = _found(await self.store.get(request.id))
-            raise InvalidRequest(f"id: job is {job.status.value}; only failed jobs are retried")
-        return {"ids": ids}
+        return {"ids": await retry_job(self.store, request.id)}
 
     @_started
     async def _suppressions(self, request: SuppressionsRequest) -> Fields:

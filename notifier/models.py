@@ -282,3 +282,37 @@ class Suppression:
             "reason": self.reason,
             "created_at": isoformat(self.created_at),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class JobSearch:
+    """A dashboard search: every criterion given must hold; newest first, ``limit`` at most.
+
+    ``recipient`` is the job's first ``to`` recipient as the job spells it, in any case (an
+    expression index holds it); the time range is on ``created_at``.
+    """
+
+    job_id: str | None = None
+    recipient: str | None = None
+    idempotency_key: str | None = None
+    status: JobStatus | None = None
+    created_from: datetime | None = None
+    created_until: datetime | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteOutcomes:
+    """Jobs that finished delivered or failed in the minute starting at ``minute``."""
+
+    minute: datetime
+    delivered: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackBacklog:
+    """Callback events still to be posted, and when the oldest of them was written."""
+
+    pending: int
+    oldest: datetime | None

@@ -1,4 +1,5 @@
-"""The operations listener (/healthz, /readyz, /metrics) and the embedded HTTP server.
+"""The operations listener (/healthz, /readyz, /metrics, the dashboard) and the embedded
+HTTP server.
 
 Each HTTP side of the service is a Starlette app served by uvicorn inside the service's own
 event loop, with uvicorn's signal handling left out so the service keeps its own. The
@@ -20,6 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from notifier.dashboard import Dashboard
 from notifier.metrics import Metrics
 from notifier.store import Store, StoreUnavailable
 
@@ -29,7 +31,16 @@ _READ_ONLY = ["GET", "HEAD"]
 
 
 class OpsApp(Starlette):
-    def __init__(self, store: Store, metrics: Metrics, accepting: Callable[[], bool]) -> None:
+    """/healthz, /readyz and /metrics, open to probes and scrapers; the dashboard's pages
+    beside them ask for a token where the service does."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        accepting: Callable[[], bool],
+        dashboard: Dashboard,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.accepting = accepting
@@ -38,6 +49,7 @@ class OpsApp(Starlette):
                 Route("/healthz", self._health, methods=_READ_ONLY),
                 Route("/readyz", self._readiness, methods=_READ_ONLY),
                 Route("/metrics", self._metrics, methods=_READ_ONLY),
+                *dashboard.routes,
             ],
             exception_handlers={404: _not_found, 405: _method_not_allowed},
         )
@@ -65,7 +77,7 @@ class OpsApp(Starlette):
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return PlainTextResponse("not found: try /healthz, /readyz or /metrics\n", 404)
+    return PlainTextResponse("not found: try /, /jobs, /healthz, /readyz or /metrics\n", 404)
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:

@@ -30,6 +30,7 @@ from notifier.channels import Channel
 from notifier.channels.mime import job_id_of
 from notifier.channels.registry import channel_factories
 from notifier.channels.sms.base import ProviderConfig
+from notifier.dashboard import Dashboard
 from notifier.dispatcher import Dispatcher
 from notifier.handler import Handler
 from notifier.intake import Intake
@@ -159,7 +160,13 @@ class Service:
     async def _start_ops(self, stack: contextlib.AsyncExitStack) -> None:
         if not self.settings.http_port:
             return
-        app = OpsApp(self.store, self.metrics, lambda: self.server.accepting)
+        dashboard = Dashboard(
+            self.store,
+            self.metrics,
+            tokens=self.settings.auth_tokens,
+            circuits=[c for channel in self.channels.values() for c in channel.circuits],
+        )
+        app = OpsApp(self.store, self.metrics, lambda: self.server.accepting, dashboard)
         self.ops = HTTPServer(
             app, host=self.settings.host, port=self.settings.http_port, name="ops-http"
         )

@@ -7,6 +7,7 @@ already run out are made with a negative lease, so no test waits on a clock.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,10 +19,12 @@ import pytest
 
 from notifier.models import (
     FINAL_STATUSES,
+    CallbackBacklog,
     CallbackState,
     Enqueued,
     EventOutcome,
     Job,
+    JobSearch,
     JobStatus,
     Message,
     NewJob,
@@ -849,3 +852,82 @@ async def test_a_send_that_failed_gives_its_count_back(store: Store) -> None:
     await store.record("me", [Outcome(first, JobStatus.DELIVERED)])
     (second,) = await add(store)
     assert list(await store.pace("me", [await claim(store)], one_per_hour)) == [second]
+
+
+# -- dashboard ---------------------------------------------------------------------------------
+
+
+async def test_search_jobs_by_each_criterion_newest_first(store: Store) -> None:
+    (older,) = await add(store, new_job(key="order-1", to=("+14155550101",)))
+    (email,) = await add(store, new_job("email", key="order-2", to=("Ann@Example.com",)))
+    (newest,) = await add(store, new_job(to=("+14155550102", "+14155550101")))
+    await store.cancel(newest)
+
+    async def found(**criteria: Any) -> list[str]:
+        return [job.id for job in await store.search_jobs(JobSearch(**criteria))]
+
+    assert await found() == [newest, email, older]
+    assert await found(limit=2) == [newest, email]
+    assert await found(job_id=email) == [email]
+    assert await found(job_id="nope") == []
+    assert await found(idempotency_key="order-1") == [older]
+    assert await found(recipient="ann@example.COM") == [email], "any case"
+    assert await found(recipient="+14155550101") == [older], "the first recipient"
+    assert await found(status=JobStatus.CANCELLED) == [newest]
+    assert await found(status=JobStatus.QUEUED, recipient="+14155550101") == [older]
+    created = []
+    for job_id in (older, email, newest):
+        job = await store.get(job_id)
+        assert job is not None
+        created.append(job.created_at)
+    # Moments between the jobs', as a stored time may not round-trip to the microsecond.
+    after_older, after_email = (a + (b - a) / 2 for a, b in itertools.pairwise(created))
+    assert await found(created_from=after_older) == [newest, email]
+    assert await found(created_until=after_older) == [older]
+    assert await found(created_from=after_older, created_until=after_email) == [email]
+
+
+async def test_recent_failures_are_failed_and_retrying_jobs_latest_first(store: Store) -> None:
+    first, delivered, retrying, second, queued = await add(
+        store, *(new_job(delay=-5 + i) for i in range(5))
+    )
+    await finish(store, first, JobStatus.FAILED)
+    await finish(store, delivered)
+    assert (await claim(store, limit=1)).id == retrying
+    later = utcnow() + timedelta(hours=1)
+    await store.record("me", [Outcome(retrying, JobStatus.RETRYING, "HTTP 503", run_at=later)])
+    await finish(store, second, JobStatus.FAILED)
+    assert [job.id for job in await store.recent_failures(10)] == [second, retrying, first]
+    assert [job.id for job in await store.recent_failures(1)] == [second]
+    assert await store.retry(job_ids=[second], since=None) == [second]
+    assert [job.id for job in await store.recent_failures(10)] == [retrying, first]
+    assert queued not in {job.id for job in await store.recent_failures(10)}
+
+
+async def test_outcomes_per_minute_count_delivered_and_failed(store: Store) -> None:
+    ids = await add(store, *(new_job(delay=-4 + i) for i in range(4)))
+    states = [JobStatus.DELIVERED, JobStatus.DELIVERED, JobStatus.FAILED]
+    for job_id, state in zip(ids, states, strict=False):
+        await finish(store, job_id, state)
+    await store.cancel(ids[3])
+    hour_ago = utcnow() - timedelta(hours=1)
+    minutes = await store.outcomes_per_minute(hour_ago)
+    assert sum(m.delivered for m in minutes) == 2 and sum(m.failed for m in minutes) == 1
+    for m in minutes:
+        assert m.minute.second == 0 and m.minute.microsecond == 0
+        assert hour_ago - timedelta(minutes=1) < m.minute <= utcnow()
+    assert minutes == sorted(minutes, key=lambda m: m.minute)
+    assert await store.outcomes_per_minute(utcnow() + timedelta(minutes=1)) == []
+
+
+async def test_callback_backlog_counts_events_not_yet_posted(store: Store) -> None:
+    assert await store.callback_backlog() == CallbackBacklog(0, None)
+    (job_id,) = await add(store, with_(new_job(), callback_url=HOOK))
+    await finish(store, job_id)
+    backlog = await store.callback_backlog()
+    assert backlog.pending == 1 and backlog.oldest is not None
+    assert utcnow() - timedelta(minutes=1) < backlog.oldest <= utcnow()
+    (event,) = await store.claim_events(owner="me", limit=10, lease_seconds=LONG)
+    assert (await store.callback_backlog()).pending == 1, "claimed is not posted yet"
+    await store.record_events("me", [EventOutcome(event.id, CallbackState.SENT)])
+    assert await store.callback_backlog() == CallbackBacklog(0, None)

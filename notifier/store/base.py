@@ -15,11 +15,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Self
 
 from notifier.models import (
+    CallbackBacklog,
     Enqueued,
     Event,
     EventOutcome,
     Job,
+    JobSearch,
     JobStatus,
+    MinuteOutcomes,
     NewJob,
     Outcome,
     Priority,
@@ -209,3 +212,23 @@ class Store(ABC):
         A report whose provider id is not known yet is kept and applied when the delivery
         that carries that id is recorded; a hard bounce (status 5.x.x) suppresses the address.
         """
+
+    # -- dashboard ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def search_jobs(self, search: JobSearch) -> list[Job]:
+        """Jobs matching ``search``, newest first; each criterion reads an index."""
+
+    @abstractmethod
+    async def recent_failures(self, limit: int) -> list[Job]:
+        """Jobs failed for good or for now (retrying), most recently changed first; a
+        partial index holds just those."""
+
+    @abstractmethod
+    async def outcomes_per_minute(self, since: datetime) -> list[MinuteOutcomes]:
+        """Delivered and failed jobs per minute since ``since``, by when they finished
+        (their latest change), oldest minute first; minutes without any are left out."""
+
+    @abstractmethod
+    async def callback_backlog(self) -> CallbackBacklog:
+        """Callback events not yet posted (pending, due or not)."""

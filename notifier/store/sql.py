@@ -18,8 +18,10 @@ from notifier.models import (
     FINAL_STATUSES,
     Event,
     Job,
+    JobSearch,
     JobStatus,
     Message,
+    MinuteOutcomes,
     Priority,
     ReceiptReport,
     ReceiptState,
@@ -84,6 +86,8 @@ def job_columns(json_object: str) -> str:
 
 WAITING = status_in(WAITING_STATUSES)
 FINAL = status_in(FINAL_STATUSES)
+#: Jobs that failed, for good or for now: few, in their own index for the dashboard.
+FAILING = status_in({JobStatus.RETRYING, JobStatus.FAILED})
 
 #: ``last_error`` of a job given back to the queue by a stopping instance.
 INTERRUPTED_BY_SHUTDOWN = "delivery interrupted by shutdown; it will be tried again"
@@ -234,3 +238,57 @@ def events(
         if job_id in jobs:
             claimed.append(Event(event_id, kind, url, moment(created_at), attempts, jobs[job_id]))
     return claimed
+
+
+def search_where(
+    search: JobSearch,
+    param: Callable[[Any], str],
+    *,
+    recipient: str,
+    moment: Callable[[datetime], Any],
+) -> str:
+    """The condition of a dashboard search, from the criteria it gives.
+
+    ``param`` binds a value and returns its placeholder; ``recipient`` is the backend's
+    expression of the ``jobs_recipient`` index; ``moment`` stores a datetime as the backend
+    does. Only given criteria appear, so each reads its index (the primary key, the
+    idempotency key's, ``jobs_recipient``, ``jobs_created``).
+    """
+    conditions = []
+    if search.job_id is not None:
+        conditions.append(f"id = {param(search.job_id)}")
+    if search.idempotency_key is not None:
+        conditions.append(f"idempotency_key = {param(search.idempotency_key)}")
+    if search.recipient is not None:
+        conditions.append(f"{recipient} = lower({param(search.recipient)})")
+    if search.status is not None:
+        conditions.append(f"status = {param(search.status.value)}")
+    if search.created_from is not None:
+        conditions.append(f"created_at >= {param(moment(search.created_from))}")
+    if search.created_until is not None:
+        conditions.append(f"created_at < {param(moment(search.created_until))}")
+    return " AND ".join(conditions) or "true"
+
+
+#: The statement behind ``outcomes_per_minute``, over the ``jobs_finished`` index; ``{minute}``
+#: is the backend's start of the minute of ``updated_at``, ``{since}`` its placeholder.
+OUTCOMES_PER_MINUTE = (
+    "SELECT {minute} AS minute, sum(CASE WHEN status = 'delivered' THEN 1 ELSE 0 END),"
+    " sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END)"
+    f" FROM jobs WHERE {FINAL} AND updated_at >= {{since}} GROUP BY minute ORDER BY minute"
+)
+
+
+def minute_outcomes(
+    rows: Iterable[Iterable[Any]], moment: Callable[[Any], datetime]
+) -> list[MinuteOutcomes]:
+    """``(minute, delivered, failed)`` rows; a minute of only cancelled jobs is left out."""
+    return [
+        MinuteOutcomes(moment(minute), int(delivered), int(failed))
+        for minute, delivered, failed in rows
+        if delivered or failed
+    ]
+
+
+#: The statement behind ``callback_backlog``; it reads the ``events_due`` index.
+CALLBACK_BACKLOG = "SELECT count(*), min(created_at) FROM events WHERE state = 'pending'"

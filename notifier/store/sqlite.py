@@ -23,11 +23,14 @@ import pydantic_core
 
 from notifier.models import (
     FINAL_STATUSES,
+    CallbackBacklog,
     Enqueued,
     Event,
     EventOutcome,
     Job,
+    JobSearch,
     JobStatus,
+    MinuteOutcomes,
     NewJob,
     Outcome,
     Priority,
@@ -43,6 +46,9 @@ SCHEMA_VERSION = 2
 
 #: The moment now, in the epoch seconds every time column holds.
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+#: The first ``to`` recipient in lower case, as the ``jobs_recipient`` index holds it.
+RECIPIENT = "lower(json_extract(message, '$.to[0]'))"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
@@ -158,6 +164,12 @@ CREATE TRIGGER IF NOT EXISTS jobs_purged AFTER DELETE ON jobs BEGIN
     DELETE FROM events WHERE job_id = OLD.id;
     DELETE FROM provider_refs WHERE job_id = OLD.id;
 END;
+
+-- Dashboard searches: written once per job (neither column changes after intake), and the
+-- failed and failing jobs alone, which are few.
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+CREATE INDEX IF NOT EXISTS jobs_recipient ON jobs ({RECIPIENT});
+CREATE INDEX IF NOT EXISTS jobs_failing ON jobs (updated_at) WHERE {sql.FAILING};
 """
 
 #: Columns version 2 added to the jobs table of a version 1 file.
@@ -648,3 +660,41 @@ class SQLiteStore(Store):
         if channel == "email" and sql.is_hard_bounce(report):
             await self.suppress(bare_address(recipient), report.reason or "hard bounce")
         return True
+
+    # -- dashboard ---------------------------------------------------------------------------
+
+    async def search_jobs(self, search: JobSearch) -> list[Job]:
+        params: list[Any] = []
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return "?"
+
+        where = sql.search_where(
+            search, param, recipient=RECIPIENT, moment=lambda at: at.timestamp()
+        )
+        rows = await self._run(
+            f"SELECT {COLUMNS} FROM jobs WHERE {where} ORDER BY created_at DESC LIMIT ?",
+            (*params, search.limit),
+        )
+        return [ROWS.job(row) for row in rows]
+
+    async def recent_failures(self, limit: int) -> list[Job]:
+        rows = await self._run(
+            f"SELECT {COLUMNS} FROM jobs WHERE {sql.FAILING} ORDER BY updated_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [ROWS.job(row) for row in rows]
+
+    async def outcomes_per_minute(self, since: datetime) -> list[MinuteOutcomes]:
+        rows = await self._run(
+            sql.OUTCOMES_PER_MINUTE.format(
+                minute="CAST(updated_at / 60 AS INTEGER) * 60", since="?"
+            ),
+            (since.timestamp(),),
+        )
+        return sql.minute_outcomes(rows, _moment)
+
+    async def callback_backlog(self) -> CallbackBacklog:
+        ((pending, oldest),) = await self._run(sql.CALLBACK_BACKLOG)
+        return CallbackBacklog(pending, _moment(oldest) if oldest is not None else None)

@@ -210,6 +210,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             EXECUTE FUNCTION notifier_adopt_orphans();
         """,
     ),
+    Migration(
+        3,
+        "dashboard searches",
+        """
+        -- Searches by time and by recipient (the first one, in lower case), and the failed
+        -- and failing jobs alone, which are few.
+        CREATE INDEX jobs_created ON jobs (created_at);
+        CREATE INDEX jobs_recipient ON jobs ((lower(message -> 'to' ->> 0)));
+        CREATE INDEX jobs_failing ON jobs (updated_at) WHERE status IN ('retrying', 'failed');
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -31,11 +31,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from notifier.models import (
+    CallbackBacklog,
     Enqueued,
     Event,
     EventOutcome,
     Job,
+    JobSearch,
     JobStatus,
+    MinuteOutcomes,
     NewJob,
     Outcome,
     Priority,
@@ -81,6 +84,8 @@ PURGE_BATCH = 5000
 #: asyncpg hands ``jsonb`` over as text and ``timestamptz`` as aware datetimes.
 ROWS = sql.JobRows()
 COLUMNS = sql.job_columns("json_build_object")
+#: The first ``to`` recipient in lower case, as the ``jobs_recipient`` index holds it.
+RECIPIENT = "lower(message -> 'to' ->> 0)"
 
 
 def _count(status: str) -> int:
@@ -807,3 +812,45 @@ class PostgresStore(Store):
             if row["channel"] == "email" and sql.is_hard_bounce(report):
                 await self._suppress(conn, bare_address(recipient), report.reason or "hard bounce")
         return True
+
+    # -- dashboard ---------------------------------------------------------------------------
+
+    async def search_jobs(self, search: JobSearch) -> list[Job]:
+        params: list[Any] = []
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        where = sql.search_where(search, param, recipient=RECIPIENT, moment=lambda at: at)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {COLUMNS} FROM jobs WHERE {where}"
+                f" ORDER BY created_at DESC LIMIT {param(search.limit)}",
+                *params,
+            )
+        return [ROWS.job(row) for row in rows]
+
+    async def recent_failures(self, limit: int) -> list[Job]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {COLUMNS} FROM jobs WHERE {sql.FAILING} ORDER BY updated_at DESC LIMIT $1",
+                limit,
+            )
+        return [ROWS.job(row) for row in rows]
+
+    async def outcomes_per_minute(self, since: datetime) -> list[MinuteOutcomes]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                sql.OUTCOMES_PER_MINUTE.format(
+                    minute="date_trunc('minute', updated_at)", since="$1"
+                ),
+                since,
+            )
+        return sql.minute_outcomes(rows, lambda minute: minute)
+
+    async def callback_backlog(self) -> CallbackBacklog:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(sql.CALLBACK_BACKLOG)
+        assert row is not None
+        return CallbackBacklog(row[0], row[1])

@@ -254,20 +254,17 @@ def search_where(
     does. Only given criteria appear, so each reads its index (the primary key, the
     idempotency key's, ``jobs_recipient``, ``jobs_created``).
     """
-    conditions = []
-    if search.job_id is not None:
-        conditions.append(f"id = {param(search.job_id)}")
-    if search.idempotency_key is not None:
-        conditions.append(f"idempotency_key = {param(search.idempotency_key)}")
-    if search.recipient is not None:
-        conditions.append(f"{recipient} = lower({param(search.recipient)})")
-    if search.status is not None:
-        conditions.append(f"status = {param(search.status.value)}")
-    if search.created_from is not None:
-        conditions.append(f"created_at >= {param(moment(search.created_from))}")
-    if search.created_until is not None:
-        conditions.append(f"created_at < {param(moment(search.created_until))}")
-    return " AND ".join(conditions) or "true"
+    created_from, created_until = search.created_from, search.created_until
+    criteria: list[tuple[str, Any]] = [
+        ("id = {}", search.job_id),
+        ("idempotency_key = {}", search.idempotency_key),
+        (f"{recipient} = lower({{}})", search.recipient),
+        ("status = {}", search.status and search.status.value),
+        ("created_at >= {}", created_from and moment(created_from)),
+        ("created_at < {}", created_until and moment(created_until)),
+    ]
+    given = [condition.format(param(value)) for condition, value in criteria if value is not None]
+    return " AND ".join(given) or "true"
 
 
 #: The statement behind ``outcomes_per_minute``, over the ``jobs_finished`` index; ``{minute}``

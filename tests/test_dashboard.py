@@ -12,15 +12,19 @@ import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.async_api import Page, async_playwright
+from pydantic import SecretStr
 
 from notifier.dashboard import Dashboard
+from notifier.dashboard.sessions import Session, Sessions
 from notifier.metrics import Metrics
-from notifier.models import JobStatus, Message, NewJob, Outcome
+from notifier.models import JobStatus, Message, NewJob, Outcome, Priority, utcnow
 from notifier.ops import OpsApp
 from notifier.store import Store, open_store
 from tests.support.http_sink import HTTPSink, Reply
@@ -181,6 +185,57 @@ async def test_a_search_field_it_cannot_read_is_named(tmp_path: Path) -> None:
         assert found.status_code == 200 and f'data-job="{job_id}"' in found.text
         none = await http.get("/jobs", params={"recipient": "+14155550199"})
         assert f'data-job="{job_id}"' not in none.text
+
+
+async def test_the_overview_counts_the_queue_the_hour_and_the_callbacks(tmp_path: Path) -> None:
+    async with dashboard(tmp_path) as (http, store):
+        await failed_job(store)
+        later = utcnow() + timedelta(hours=1)
+        waiting = [
+            NewJob(
+                message=Message(id=f"{i:032x}", channel="sms", to=("+1415555010{i}",)),
+                run_at=later,
+                priority=priority,
+                callback_url="http://127.0.0.1:9/hook",
+            )
+            for i, priority in enumerate([Priority.HIGH, Priority.HIGH, Priority.LOW])
+        ]
+        await store.enqueue(waiting)
+        (cancelled,) = await store.enqueue(
+            [replace(waiting[0], message=replace(waiting[0].message, id="c" * 32))]
+        )
+        await store.cancel(cancelled.id)
+        page = (await http.get("/")).text
+
+        def cell(attributes: str) -> str:
+            match = re.search(rf"<td {attributes}>(\d+)</td>", page)
+            assert match, attributes
+            return match[1]
+
+        assert cell('data-status="queued"') == "3"
+        assert cell('data-status="failed"') == "1"
+        assert cell('data-status="cancelled"') == "1"
+        assert cell('data-channel="sms" data-priority="high"') == "2"
+        assert cell('data-channel="sms" data-priority="low"') == "1"
+        assert cell('data-channel="sms" data-priority="normal"') == "0"
+        assert re.search(r'id="failed-hour">1<', page) and re.search(
+            r'id="delivered-hour">0<', page
+        )
+        assert 'data-delivered="0" data-failed="1"' in page
+        assert re.search(r'id="callback-backlog">1<', page), "the cancelled job's final event"
+
+
+def test_a_session_cookie_is_good_for_its_max_age_and_this_process_only() -> None:
+    now = [1000.0]
+    sessions = Sessions([SecretStr(TOKEN)], max_age=60, clock=lambda: now[0])
+    session = sessions.start(signed_in=True)
+    cookie = sessions.cookie(session)
+    assert sessions.read(cookie) == Session(session.id, signed_in=True)
+    now[0] += 61
+    assert sessions.read(cookie) is None, "too old"
+    now[0] -= 61
+    assert Sessions([SecretStr(TOKEN)]).read(cookie) is None, "another process's key"
+    assert sessions.read("not.a.cookie") is None and sessions.read(None) is None
 
 
 # -- in a real browser -------------------------------------------------------------------------

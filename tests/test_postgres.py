@@ -19,7 +19,7 @@ from notifier.models import JobStatus, NewJob, Outcome
 from notifier.store import StoreUnavailable
 from notifier.store.postgres import PostgresStore
 from notifier.store.postgres.schema import LATEST, warn_about_upkeep
-from notifier.store.sql import FINAL, WAITING
+from notifier.store.sql import FAILING, FINAL, WAITING
 from tests.support.postgres import database_name, terminate_backends
 from tests.support.server import free_port, isolated_settings
 from tests.support.waiting import wait_for
@@ -76,7 +76,11 @@ async def test_the_partial_indexes_hold_the_status_groups_the_queries_name(
     try:
         async with conn.transaction():
             await conn.execute("CREATE TEMP TABLE probe (status text) ON COMMIT DROP")
-            for index, condition in [("jobs_due", WAITING), ("jobs_finished", FINAL)]:
+            for index, condition in [
+                ("jobs_due", WAITING),
+                ("jobs_finished", FINAL),
+                ("jobs_failing", FAILING),
+            ]:
                 await conn.execute(
                     f"CREATE INDEX {index}_probe ON probe (status) WHERE {condition}"
                 )

@@ -1,16 +1,17 @@
 """Where a ``send`` spends its time, from bytes to committed row, stage by stage.
 
-    python -m bench.intake_stages [--jobs 20000] [--batch 100] [--postgres]
+    python -m bench.intake_stages [--jobs 20000] [--batch 100] [--postgres] [--channel sms]
 
 Runs notifier's own intake functions in this process on the bench's email lines (the ones
-scenarios 1 and 2 send), one stage at a time over every line, and prints µs per job:
+scenarios 1 and 2 send; with ``--channel sms`` the SMS lines bench_postgres sends), one stage
+at a time over every line, and prints µs per job:
 framing (a read buffer split into lines), JSON, validation (the request model), prepare
 (channel checks, id, message), insert (the store's ``enqueue`` in batches of ``--batch``,
 on a fresh SQLite file, or a fresh PostgreSQL database with ``--postgres``) and answer
 (its line encoded). Stages run apart, so the figures leave out the event loop and the
 socket; scenario 1 measures those. CPU time of this process (every thread, so the
-store's thread too; not the fsync waits), medians of 5 passes: a loaded machine inflates
-it less than wall time, but still some (caches, frequency).
+store's thread too; not the fsync waits, nor PostgreSQL's own CPU), medians of 5 passes: a
+loaded machine inflates it less than wall time, but still some (caches, frequency).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.intake import _lines
+from bench.jobs import email_job, sms_job
+from bench.marks import FAR_FUTURE
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import NewJob
@@ -86,8 +88,9 @@ def _fresh_jobs(intake: Intake, requests: list[SendRequest]) -> list[NewJob]:
     return [intake.prepare(request) for request in requests]
 
 
-async def measure(count: int, batch: int, postgres: bool) -> dict[str, float]:
-    lines = _lines(count)
+async def measure(url: str, count: int, batch: int, channel: str) -> dict[str, float]:
+    job = email_job if channel == "email" else sms_job
+    lines = [job(number, send_at=FAR_FUTURE) for number in range(count)]
     chunks = _chunks(b"".join(lines))
     framed = _frame(chunks)
     decoded = [decode_line(line) for line in framed]
@@ -98,11 +101,11 @@ async def measure(count: int, batch: int, postgres: bool) -> dict[str, float]:
         "JSON": _timed(lambda: [decode_line(line) for line in framed], count),
         "validation": _timed(lambda: [parse_request(data) for data in decoded], count),
     }
-    with tempfile.TemporaryDirectory() as scratch, _store_url(postgres, Path(scratch)) as url:
+    with tempfile.TemporaryDirectory() as scratch:
         store = open_store(load_settings(database_url=url))
         intake = Intake(
             store,
-            channels=["email"],
+            channels=[channel],
             templates=Templates(Path(scratch)),
             sender="bench@example.com",
             metrics=Metrics(),
@@ -125,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=100, help="jobs per enqueue (default 100)")
     parser.add_argument("--postgres", action="store_true", help=f"PostgreSQL from {URL_VARIABLE}")
+    parser.add_argument("--channel", choices=["email", "sms"], default="email")
     args = parser.parse_args(argv)
-    figures = asyncio.run(measure(args.jobs, args.batch, args.postgres))
+    with tempfile.TemporaryDirectory() as scratch, _store_url(args.postgres, Path(scratch)) as url:
+        figures = asyncio.run(measure(url, args.jobs, args.batch, args.channel))
     store = "PostgreSQL" if args.postgres else "SQLite"
-    print(f"| stage ({store}, {args.jobs:,} jobs, batches of {args.batch}) | µs per job |")
+    print(
+        f"| stage ({args.channel} into {store}, {args.jobs:,} jobs, batches of {args.batch})"
+        " | µs per job |"
+    )
     print("|---|---|")
     for stage, micros in figures.items():
         print(f"| {stage} | {micros:.1f} |")

@@ -376,7 +376,9 @@ class Server:
     ) -> None:
         data = b"".join(ready)
         ready.clear()
-        if connection.peer_gone:
+        # uvloop raises RuntimeError on a write to a transport the peer's reset closed.
+        if connection.peer_gone or writer.is_closing():
+            connection.peer_gone = True
             return
         try:
             writer.write(data)

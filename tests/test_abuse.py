@@ -21,13 +21,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import notifier.server
 from notifier.metrics import Metrics
 from notifier.protocol import OPS
-from tests.support.server import LineConnection, ServerProcess, isolated_settings, running_server
-from tests.support.waiting import wait_for
+from tests.support.http_sink import HTTPSink, Reply
+from tests.support.server import (
+    LineConnection,
+    ServerProcess,
+    free_port,
+    isolated_settings,
+    running_server,
+)
+from tests.support.waiting import wait_for, wait_for_sync
 from tests.test_fuzz import VALID
 from tests.test_server import HeldHandler, client_context, error_code, tls_files
 
@@ -36,6 +44,7 @@ from tests.test_server import HeldHandler, client_context, error_code, tls_files
 NON_READER_RSS_BOUND_MIB = 48
 EMAIL = {"channel": "email", "to": "ada@example.com", "subject": "Hi", "text": "Hello"}
 LATER = {**EMAIL, "send_at": "2999-01-01T00:00:00Z"}
+SMS_JOB = {"channel": "sms", "to": "+8613800138000", "text": "code 1234"}
 
 
 def rss_mib(pid: int) -> float:
@@ -369,3 +378,99 @@ async def test_admin_limit_is_per_token_not_per_connection(tmp_path: Path) -> No
         assert (await other_token.request({**purge, "token": TOKENS[1]}))["ok"]
         for conn in (first, same_token, other_token):
             await conn.close()
+
+
+#: Every secret setting, each a value that nothing else could contain by chance.
+SECRETS = {
+    "NOTIFIER_AUTH_TOKENS": "tok-secret-a41f",
+    "NOTIFIER_SMTP_PASSWORD": "smtp-pw-secret-7c2d",
+    "NOTIFIER_SMTP_FALLBACK_PASSWORD": "smtp-fallback-secret-0e9b",
+    "NOTIFIER_SMS_API_KEY": "ihuyi-key-secret-5b8a",
+    "NOTIFIER_SMS_TWILIO_API_KEY": "twilio-token-secret-3f6e",
+    "NOTIFIER_SMS_WEBHOOK_API_KEY": "webhook-key-secret-9d1c",
+    "NOTIFIER_CALLBACK_SECRET": "callback-secret-2a7f",
+}
+MAILBOX_PASSWORD = "mailbox-pw-secret-6e4b"
+
+
+def test_no_secret_in_logs_answers_status_metrics_or_receipts_answers(
+    tmp_path: Path, http_sink: HTTPSink
+) -> None:
+    """Every secret in use at once, every one refused by its far end: none of them shows in
+    the debug log, the answers (errors, status, jobs), /metrics or the receipts listener's
+    refusals."""
+    http_sink.respond_with(lambda request: Reply(401, "unauthorized"))
+    closed = str(free_port())
+    http_port, receipts_port = free_port(), free_port()
+    server = ServerProcess(
+        tmp_path,
+        NOTIFIER_LOG_FORMAT="json",
+        NOTIFIER_LOG_LEVEL="DEBUG",
+        NOTIFIER_HTTP_PORT=str(http_port),
+        NOTIFIER_RECEIPTS_PORT=str(receipts_port),
+        NOTIFIER_RETRY_MAX_ATTEMPTS="2",
+        NOTIFIER_RETRY_BASE_DELAY="0.01",
+        NOTIFIER_SMTP_HOST="127.0.0.1",
+        NOTIFIER_SMTP_PORT=closed,
+        NOTIFIER_SMTP_USERNAME="mailer",
+        NOTIFIER_SMTP_FALLBACK_HOST="127.0.0.1",
+        NOTIFIER_SMTP_FALLBACK_PORT=str(free_port()),
+        NOTIFIER_SMTP_FALLBACK_USERNAME="mailer2",
+        NOTIFIER_SMS_PROVIDER="ihuyi,twilio,webhook",
+        NOTIFIER_SMS_URL=http_sink.url + "/ihuyi",
+        NOTIFIER_SMS_ACCOUNT="C12345678",
+        NOTIFIER_SMS_TWILIO_URL=http_sink.url,
+        NOTIFIER_SMS_TWILIO_ACCOUNT="AC" + "1" * 32,
+        NOTIFIER_SMS_TWILIO_FROM="+15017122661",
+        NOTIFIER_SMS_WEBHOOK_URL=http_sink.url + "/webhook",
+        NOTIFIER_CALLBACK_URL=http_sink.url + "/callback",
+        NOTIFIER_BOUNCE_MAILBOX=f"imap://bounces:{MAILBOX_PASSWORD}@127.0.0.1:{closed}",
+        NOTIFIER_BOUNCE_POLL_INTERVAL="0.2",
+        **SECRETS,
+    ).start()
+    token = SECRETS["NOTIFIER_AUTH_TOKENS"]
+    shown: list[str] = []
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+            lines = conn.makefile("rwb")
+
+            def ask(request: dict[str, Any]) -> dict[str, Any]:
+                lines.write(json.dumps(request).encode() + b"\n")
+                lines.flush()
+                raw = lines.readline()
+                shown.append(raw.decode())
+                answer: dict[str, Any] = json.loads(raw)
+                return answer
+
+            assert not ask({"op": "auth", "token": token[:-1]})["ok"]
+            assert not ask({"op": "status", "id": "x", "token": token + "x"})["ok"]
+            assert ask({"op": "auth", "token": token})["ok"]
+            ids = [ask(EMAIL)["id"], ask(SMS_JOB)["id"]]
+
+            def finished() -> bool:
+                return all(ask({"op": "status", "id": i})["status"] == "failed" for i in ids)
+
+            wait_for_sync(finished, timeout=60, what="both jobs failed")
+            ask({"op": "jobs", "status": "failed"})
+        wait_for_sync(
+            lambda: (
+                any(r.path == "/callback" for r in http_sink.requests)
+                and "bounce mailbox unavailable" in server.log()
+            ),
+            timeout=30,
+            what="a callback posted and a bounce poll failed",
+        )
+        with httpx.Client(timeout=30) as http:
+            shown.append(http.get(f"http://127.0.0.1:{http_port}/metrics").text)
+            receipts = f"http://127.0.0.1:{receipts_port}/receipts"
+            twilio = {"MessageSid": "SM1", "MessageStatus": "delivered"}
+            bad = {"X-Twilio-Signature": "x", "X-Notifier-Signature": "sha256=00"}
+            shown.append(http.post(receipts + "/twilio", data=twilio, headers=bad).text)
+            shown.append(http.post(receipts + "/webhook", json={"id": "x"}, headers=bad).text)
+    finally:
+        server.stop()
+    shown.append(server.log())
+    everything = "\n".join(shown)
+    for secret in (*SECRETS.values(), MAILBOX_PASSWORD):
+        assert secret not in everything, secret
+    assert "401" in everything and "callback" in everything, "the failures were logged"

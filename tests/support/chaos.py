@@ -103,7 +103,9 @@ def jobs(count: int, prefix: str) -> list[dict[str, Any]]:
         if n % 2:
             made.append({"channel": "sms", "to": f"+86138{n:08d}", "text": key})
         else:
-            made.append({"channel": "email", "to": f"u{n}@example.com", "subject": key, "text": key})
+            made.append(
+                {"channel": "email", "to": f"u{n}@example.com", "subject": key, "text": key}
+            )
         made[-1]["idempotency_key"] = key
     return made
 
@@ -177,7 +179,7 @@ async def send_all(port: int, batch: list[dict[str, Any]], accepted: dict[str, s
         try:
             for start in range(0, len(pending), CHUNK):
                 chunk = pending[start : start + CHUNK]
-                await conn.send(*chunk)
+                await conn.send(b"".join(json.dumps(job).encode() + b"\n" for job in chunk))
                 for job in chunk:
                     answer = await _answer(conn)
                     if answer["ok"]:

@@ -19,7 +19,6 @@ import json
 import random
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -97,16 +96,14 @@ class Figures:
 
 def jobs(count: int, prefix: str) -> list[dict[str, Any]]:
     """Half email, half SMS, each with its idempotency key."""
-    made = []
+    made: list[dict[str, Any]] = []
     for n in range(count):
         key = f"{prefix}-{n}"
         if n % 2:
-            made.append({"channel": "sms", "to": f"+86138{n:08d}", "text": key})
+            job = {"channel": "sms", "to": f"+86138{n:08d}"}
         else:
-            made.append(
-                {"channel": "email", "to": f"u{n}@example.com", "subject": key, "text": key}
-            )
-        made[-1]["idempotency_key"] = key
+            job = {"channel": "email", "to": f"u{n}@example.com", "subject": key}
+        made.append({**job, "text": key, "idempotency_key": key})
     return made
 
 

@@ -22,6 +22,7 @@ def assert_none_lost(figures: Figures) -> None:
     assert figures.wrong == []
     assert figures.accepted == figures.jobs
     assert figures.lost == 0
+    assert figures.misjudged == 0
     assert figures.delivered + figures.failed == figures.accepted
     assert figures.unexplained == 0, figures
 

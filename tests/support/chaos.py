@@ -75,6 +75,8 @@ class Figures:
     delivered: int = 0
     failed: int = 0
     lost: int = 0
+    #: Jobs final for the wrong reason: failed without a 550, or delivered despite one.
+    misjudged: int = 0
     duplicated: int = 0
     explained: int = 0
     recovered: int = 0
@@ -277,16 +279,20 @@ def _tally_job(
 ) -> None:
     seen = ledger.of(job_id)
     taken = copies(seen)
-    status = answer["status"] if answer else "missing"
+    status = answer["status"] if answer else "not final"
     refused = any(a.took is Took.PERMANENT for a in seen)
-    if status == "delivered" and taken and not refused:
-        figures.delivered += 1
-        figures.recovered += answer is not None and answer["attempts"] > 1
-    elif status == "failed" and refused and "550" in (answer or {}).get("last_error", ""):
-        figures.failed += 1
-    else:
+    if status not in FINAL or (status == "delivered" and not taken):
         figures.lost += 1
-        figures.note(f"{job_id}: {status}, {taken} taken, 550: {refused}, {answer}")
+        figures.note(f"{job_id} lost: {status}, {taken} copies taken, {answer}")
+        return
+    assert answer is not None
+    figures.delivered += status == "delivered"
+    figures.failed += status == "failed"
+    figures.recovered += status == "delivered" and answer["attempts"] > 1
+    failed_for_550 = status == "failed" and "550" in (answer["last_error"] or "")
+    if failed_for_550 != refused:
+        figures.misjudged += 1
+        figures.note(f"{job_id} {status}, yet 550 answered: {refused}: {answer}")
     duplicates = max(0, taken - 1)
     unknown = sum(_outcome_unknown(a, job_id, kills) for a in seen)
     figures.duplicated += duplicates

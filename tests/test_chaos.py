@@ -27,10 +27,12 @@ def assert_none_lost(figures: Figures) -> None:
     assert figures.unexplained == 0, figures
 
 
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_soak_under_faults_every_job_ends_right_and_calls_back_once(
-    tmp_path: Path, tls_ca: trustme.CA
+    tmp_path: Path, tls_ca: trustme.CA, store: str, request: pytest.FixtureRequest
 ) -> None:
-    figures = await soak(tmp_path, tls_ca)
+    url = request.getfixturevalue("postgres_url") if store == "postgres" else None
+    figures = await soak(tmp_path, tls_ca, database_url=url)
     assert_none_lost(figures)
     assert figures.failed > 0, "2% of DATA answered 550 fail their jobs"
     assert figures.faults["lost"] > 0, "answers were lost, so duplicates could arise"

@@ -352,7 +352,7 @@ async def soak(
         receiver = sinks.receiver
         assert receiver is not None
         instance = _instance(work / "soak", sinks, database_url, "soak@chaos.test")
-        await asyncio.to_thread(instance.start)
+        await asyncio.to_thread(instance.start, 60)
         try:
             accepted: dict[str, str] = {}
             await send_all(instance.port, jobs(count, name), accepted)
@@ -395,7 +395,7 @@ async def kill_loop(
         killed: list[Kill] = []
         try:
             for instance in everyone:
-                await asyncio.to_thread(instance.start)
+                await asyncio.to_thread(instance.start, 60)
             accepted: dict[str, str] = {}
 
             def progress() -> int:

@@ -113,21 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     if _postgres_reachable(args.postgres):
         stores.append(("PostgreSQL", args.postgres))
     ca = trustme.CA()
-    rows = [
+    print(
         "| run | store | jobs | accepted | delivered | failed | lost | wrong reason"
-        " | duplicated | explained | recovered | kills | job.final once | faults | s |",
+        " | duplicated | explained | recovered | kills | job.final once | faults | s |\n"
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|",
-    ]
+        flush=True,
+    )
     sound = True
     for name, run in _runs(10 if args.quick else 1, args.patience):
         for store, postgres in stores:
             figures = _run(run, ca, postgres)
-            print(f"{name}, {store}: {figures.seconds:.0f}s", file=sys.stderr)
             for problem in figures.wrong:
-                print(f"  {problem}", file=sys.stderr)
+                print(f"  {name}, {store}: {problem}", file=sys.stderr)
             sound = sound and not (figures.lost or figures.misjudged or figures.unexplained)
-            rows.append(_row(name, store, figures))
-    print("\n".join(rows))
+            print(_row(name, store, figures), flush=True)
     return 0 if sound else 1
 
 

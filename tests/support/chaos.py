@@ -46,7 +46,7 @@ from tests.support.waiting import wait_for
 
 CHUNK = 500
 #: The client's SMS timeout; a gateway "timeout" holds its answer longer than this.
-SMS_TIMEOUT = 1.0
+SMS_TIMEOUT = 5.0
 #: Retries converge in seconds, not the defaults' minutes; the circuit reopens quickly, so a
 #: run of faults costs a second, not 30.
 FAST_RETRIES = {

@@ -90,6 +90,7 @@ class Draw:
 @dataclass(frozen=True)
 class Arrival:
     job: str
+    channel: str
     sender: str
     took: Took
 
@@ -102,9 +103,9 @@ class Ledger:
         self._arrivals: dict[str, list[Arrival]] = defaultdict(list)
         self._settled: set[str] = set()
 
-    def add(self, job: str, sender: str, took: Took) -> None:
+    def add(self, job: str, channel: str, sender: str, took: Took) -> None:
         with self._lock:
-            self._arrivals[job].append(Arrival(job, sender, took))
+            self._arrivals[job].append(Arrival(job, channel, sender, took))
             if took is not Took.REFUSED:
                 self._settled.add(job)
 
@@ -154,17 +155,17 @@ class FaultySMTPSink(SMTPSink):
         job = job_id_of(found.group(1).decode())
         fault = self._draw(self._shares)
         if fault == "451":
-            self.ledger.add(job, envelope.mail_from, Took.REFUSED)
+            self.ledger.add(job, "email", envelope.mail_from, Took.REFUSED)
             return "451 4.3.0 try again later (fault plan)"
         if fault == "550":
-            self.ledger.add(job, envelope.mail_from, Took.PERMANENT)
+            self.ledger.add(job, "email", envelope.mail_from, Took.PERMANENT)
             return "550 5.1.1 mailbox unavailable (fault plan)"
         if fault == "drop":
-            self.ledger.add(job, envelope.mail_from, Took.LOST)
+            self.ledger.add(job, "email", envelope.mail_from, Took.LOST)
             assert server.transport is not None
             server.transport.close()
             return "421 4.4.2 connection dropped (fault plan)"
-        self.ledger.add(job, envelope.mail_from, Took.OK)
+        self.ledger.add(job, "email", envelope.mail_from, Took.OK)
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -183,16 +184,16 @@ def faulty_gateway(plan: FaultPlan, ledger: Ledger, *, hold: float) -> Responder
             return DROP
         fault = draw(shares)
         if fault == "500":
-            ledger.add(body["id"], body["from"], Took.REFUSED)
+            ledger.add(body["id"], "sms", body["from"], Took.REFUSED)
             return Reply(500, body="fault plan")
         if fault == "429":  # without Retry-After notifier holds the number for a minute
-            ledger.add(body["id"], body["from"], Took.REFUSED)
+            ledger.add(body["id"], "sms", body["from"], Took.REFUSED)
             return Reply(429, body="fault plan", headers={"Retry-After": "1"})
         if fault == "timeout":
-            ledger.add(body["id"], body["from"], Took.LOST)
+            ledger.add(body["id"], "sms", body["from"], Took.LOST)
             never.wait(hold)
             return Reply(200)
-        ledger.add(body["id"], body["from"], Took.OK)
+        ledger.add(body["id"], "sms", body["from"], Took.OK)
         return Reply(200)
 
     return respond

@@ -290,7 +290,7 @@ def _tally_job(
     figures.failed += status == "failed"
     figures.recovered += status == "delivered" and answer["attempts"] > 1
     failed_for_550 = status == "failed" and "550" in (answer["last_error"] or "")
-    if failed_for_550 != refused:
+    if not (failed_for_550 if refused else status == "delivered"):
         figures.misjudged += 1
         figures.note(f"{job_id} {status}, yet 550 answered: {refused}: {answer}")
     duplicates = max(0, taken - 1)

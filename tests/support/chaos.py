@@ -58,9 +58,6 @@ FAST_RETRIES = {
     "NOTIFIER_CALLBACK_CONCURRENCY": "16",
     "NOTIFIER_POLL_INTERVAL": "0.2",
     "NOTIFIER_LOG_LEVEL": "WARNING",
-    # A killed instance's work is taken over after 3 s of silence, not 10.
-    "NOTIFIER_HEARTBEAT_INTERVAL": "0.5",
-    "NOTIFIER_INSTANCE_DEAD_AFTER": "3",
 }
 FINAL = ("delivered", "failed")
 

@@ -20,7 +20,7 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,7 @@ async def delivered_ids(database_url: str) -> set[str]:
         path = database_url.removeprefix("sqlite:///")
 
         def read() -> set[str]:
-            with sqlite3.connect(path) as db:
+            with closing(sqlite3.connect(path)) as db:
                 return {row[0] for row in db.execute(query)}
 
         return await asyncio.to_thread(read)

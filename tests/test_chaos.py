@@ -27,12 +27,20 @@ def assert_none_lost(figures: Figures) -> None:
     assert figures.unexplained == 0, figures
 
 
-@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Each store in turn: None for SQLite (a file in the run's directory), else PostgreSQL.
+    A sync fixture, as the PostgreSQL ones run their own event loop."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return None
+
+
 async def test_soak_under_faults_every_job_ends_right_and_calls_back_once(
-    tmp_path: Path, tls_ca: trustme.CA, store: str, request: pytest.FixtureRequest
+    tmp_path: Path, tls_ca: trustme.CA, database_url: str | None
 ) -> None:
-    url = request.getfixturevalue("postgres_url") if store == "postgres" else None
-    figures = await soak(tmp_path, tls_ca, database_url=url)
+    figures = await soak(tmp_path, tls_ca, database_url=database_url)
     assert_none_lost(figures)
     assert figures.failed > 0, "2% of DATA answered 550 fail their jobs"
     assert figures.faults["lost"] > 0, "answers were lost, so duplicates could arise"

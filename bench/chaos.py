@@ -30,6 +30,9 @@ from tests.support.chaos import Figures, kill_loop, soak
 from tests.support.faults import FaultPlan
 from tests.support.postgres import DEFAULT_URL, UNREACHABLE, URL_VARIABLE, fetchval, fresh_database
 
+#: The faults column: what the providers did, by the ledger's name.
+FAULTS = (("refused", "refused for now"), ("permanent", "550"), ("lost", "answers lost"))
+
 Run = Callable[[Path, trustme.CA, str | None], Awaitable[Figures]]
 
 
@@ -85,12 +88,12 @@ def _run(run: Run, ca: trustme.CA, postgres: str | None) -> Figures:
 
 
 def _row(name: str, store: str, f: Figures) -> str:
-    faults = ", ".join(f"{n:,} {took}" for took, n in sorted(f.faults.items())) or "none"
+    faults = ", ".join(f"{f.faults[took]:,} {name}" for took, name in FAULTS if took in f.faults)
     callbacks = "" if f.callbacks_once is None else f"{f.callbacks_once:,}"
     cells = [
         name, store, f"{f.jobs:,}", f"{f.accepted:,}", f"{f.delivered:,}", f"{f.failed:,}",
         f"{f.lost:,}", f"{f.misjudged:,}", f"{f.duplicated:,}", f"{f.explained:,}",
-        f"{f.recovered:,}", str(f.kills), callbacks, faults, f"{f.seconds:.0f}",
+        f"{f.recovered:,}", str(f.kills), callbacks, faults or "none", f"{f.seconds:.0f}",
     ]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
 

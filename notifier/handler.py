@@ -10,17 +10,23 @@ in the order they were read, so a pipelining client's sends join one group-commi
 order, and the server waits for the answers in that order. A send costs no task (one per
 request would add about a tenth to intake's CPU time) and no future of its own: its answer
 waits on the intake's future. ping and auth are answered at once; the other ops run as tasks.
+
+The admin ops that requeue or delete (``retry``, ``purge``, ``unsuppress``) are limited per
+token (``NOTIFIER_ADMIN_RATE_LIMIT``): a leaked token or a runaway script can then churn the
+queue only so fast, and the refusal is ``rate_limited`` with nothing done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 from notifier.admin import cancel_job, found, retry_job
-from notifier.errors import InvalidRequest, Unavailable
+from notifier.errors import InvalidRequest, RateLimited, Unavailable
 from notifier.intake import Intake
 from notifier.models import Enqueued, utcnow
 from notifier.protocol import (
@@ -33,6 +39,8 @@ from notifier.protocol import (
     SuppressionsRequest,
     SuppressRequest,
 )
+from notifier.receipts import AddressBuckets
+from notifier.settings import RecipientLimit
 from notifier.store import Store, StoreUnavailable
 
 Fields = dict[str, Any]
@@ -41,6 +49,9 @@ Fields = dict[str, Any]
 Route = Callable[[Any], "Started"]
 
 R = TypeVar("R", bound=Request)
+
+#: The admin ops that requeue or delete, limited per token.
+LIMITED_OPS = frozenset({"retry", "purge", "unsuppress"})
 
 
 def _unavailable(exc: StoreUnavailable) -> Unavailable:
@@ -98,9 +109,22 @@ Started = asyncio.Future[Fields] | _Sent
 
 
 class Handler:
-    def __init__(self, *, intake: Intake, store: Store) -> None:
+    def __init__(
+        self,
+        *,
+        intake: Intake,
+        store: Store,
+        admin_limit: RecipientLimit | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.intake = intake
         self.store = store
+        self.admin_limit = admin_limit
+        self._admin_buckets = (
+            AddressBuckets(admin_limit.count / admin_limit.seconds, admin_limit.count, clock=clock)
+            if admin_limit is not None
+            else None
+        )
         self._routes: dict[str, Route] = {
             "send": self._send,
             "status": self._status,
@@ -115,10 +139,23 @@ class Handler:
             "unsuppress": self._unsuppress,
         }
 
-    def handle(self, request: Request) -> Started:
+    def handle(self, request: Request, *, caller: str = "anyone") -> Started:
         """Start ``request``; awaiting the result gives the answer's fields (without ``ok``
-        and ``ref``) or raises a NotifierError. A send that is refused raises here, at once."""
+        and ``ref``) or raises a NotifierError. A send that is refused, or an admin op over
+        ``caller``'s limit, raises here, at once."""
+        if request.op in LIMITED_OPS:
+            self._admit(request.op, caller)
         return self._routes[request.op](request)
+
+    def _admit(self, op: str, caller: str) -> None:
+        if self._admin_buckets is None:
+            return
+        wait = self._admin_buckets.wait(caller)
+        if wait:
+            raise RateLimited(
+                f"{op}: {caller} went over {self.admin_limit} retry, purge and unsuppress ops"
+                f" (NOTIFIER_ADMIN_RATE_LIMIT); nothing was done, try again in {math.ceil(wait)}s"
+            )
 
     def _send(self, request: SendRequest) -> _Sent:
         return _Sent(self.intake.put(request))

@@ -48,7 +48,9 @@ def _unique(values: Sequence[str]) -> tuple[str, ...]:
 
 
 def _mailboxes(values: Sequence[str], field: str) -> tuple[str, ...]:
-    return _unique([check_mailbox(v, field) for v in values])
+    """Checked and without repeats; most sends have no cc, bcc or reply_to, so none costs
+    nothing."""
+    return _unique([check_mailbox(v, field) for v in values]) if values else ()
 
 
 class Intake:

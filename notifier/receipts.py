@@ -472,4 +472,8 @@ async def _form(request: Request, provider: str) -> FormData:
             f"{provider}: expected form fields (application/x-www-form-urlencoded), "
             f"not {content_type or 'a body without Content-Type'}"
         )
-    return await request.form()
+    try:
+        # No provider uploads files: refused before any is spooled, so none is left open.
+        return await request.form(max_files=0)
+    except HTTPException as exc:
+        raise BadReport(f"{provider}: the form cannot be read: {exc.detail}") from None

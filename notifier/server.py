@@ -50,6 +50,9 @@ from notifier.settings import Settings
 
 log = logging.getLogger("notifier.server")
 
+#: Seconds a TLS handshake may take at most (asyncio's default is 60).
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
 
 class Started(Protocol):
     """A request the handler started: awaiting it gives the answer's fields or raises a
@@ -64,9 +67,10 @@ class Started(Protocol):
 class RequestHandler(Protocol):
     """The application seam (``notifier.handler.Handler``): ``handle`` starts the request at
     once (or raises a NotifierError). Anything else raised is answered ``internal``, logged.
+    ``caller`` names the token the connection presented (``"token 2"``), never the token.
     """
 
-    def handle(self, request: Request) -> Started: ...
+    def handle(self, request: Request, *, caller: str) -> Started: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,8 @@ class _Connection:
     close_reason: str | None = None
     bucket: _TokenBucket | None = None
     peer_gone: bool = False
+    #: Which token authenticated the connection, for per-token limits; no tokens, no name.
+    caller: str = "anyone"
 
 
 class Server:
@@ -150,6 +156,7 @@ class Server:
             self.settings.host,
             self.settings.port,
             ssl=self.settings.tls_context(),
+            ssl_handshake_timeout=self._handshake_timeout(),
             limit=self.settings.max_line_bytes + 2,
         )
         self._sweeper = asyncio.create_task(self._close_idle(), name="server-idle-sweeper")
@@ -159,6 +166,13 @@ class Server:
             self.port,
             " (TLS)" if self.settings.tls_enabled else "",
         )
+
+    def _handshake_timeout(self) -> float | None:
+        """A TLS handshake not done in 10 s (or the idle timeout, if shorter) is dropped: the
+        connection is not counted or swept as idle until it is done, so it needs its own bound."""
+        if not self.settings.tls_enabled:
+            return None
+        return min(self.settings.idle_timeout, TLS_HANDSHAKE_TIMEOUT)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; answer every line already read, then close the connections."""
@@ -306,7 +320,7 @@ class Server:
                 connection.bucket.take()
             if self._closing:
                 raise Unavailable("shutting down; try another instance or again shortly")
-            return _Pending(self.handler.handle(request), ref)
+            return _Pending(self.handler.handle(request, caller=connection.caller), ref)
         except NotifierError as exc:
             return error_answer(exc, ref)
         except Exception:
@@ -315,17 +329,20 @@ class Server:
     def _authorize(self, connection: _Connection, request: Request) -> None:
         if connection.authenticated or isinstance(request, PingRequest):
             return
-        if request.token is not None and self._token_ok(request.token):
+        if request.token is not None and (number := self._token_number(request.token)):
             connection.authenticated = True
+            connection.caller = f"token {number}"
             return
         if isinstance(request, AuthRequest):
             raise Unauthorized("token: not valid")
         raise Unauthorized('authenticate first: send {"op": "auth", "token": ...}')
 
-    def _token_ok(self, token: str) -> bool:
+    def _token_number(self, token: str) -> int | None:
+        """Which configured token this is, counting from 1; every one compared, each in
+        constant time, so the timing tells nothing of which matched."""
         given = token.encode()
         matches = [hmac.compare_digest(given, known) for known in self._tokens]
-        return any(matches)
+        return matches.index(True) + 1 if any(matches) else None
 
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
         """Write answers in order, coalescing the ones that are ready into one write (a syscall
@@ -359,7 +376,9 @@ class Server:
     ) -> None:
         data = b"".join(ready)
         ready.clear()
-        if connection.peer_gone:
+        # uvloop raises RuntimeError on a write to a transport the peer's reset closed.
+        if connection.peer_gone or writer.is_closing():
+            connection.peer_gone = True
             return
         try:
             writer.write(data)

@@ -105,7 +105,11 @@ class Service:
             )
             self.server = Server(
                 self.settings,
-                handler=Handler(intake=self.intake, store=self.store),
+                handler=Handler(
+                    intake=self.intake,
+                    store=self.store,
+                    admin_limit=self.settings.admin_rate_limit,
+                ),
                 metrics=self.metrics,
             )
             await self.store.open()

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     max_pipeline: int = Field(1000, ge=1)
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: int = Field(100, ge=1)
+    #: Admin ops that requeue or delete (retry, purge, unsuppress) per token: that many at
+    #: once, refilled over the window (``30/1m``); ``0`` is off.
+    admin_rate_limit: Annotated[RecipientLimit | None, NoDecode] = RecipientLimit(30, 60.0)
     shutdown_grace: float = Field(10.0, ge=0)
 
     # Store
@@ -208,6 +211,18 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_limits(cls, value: object) -> object:
         return parse_recipient_limits(value) if isinstance(value, str) else value
+
+    @field_validator("admin_rate_limit", mode="before")
+    @classmethod
+    def _parse_admin_limit(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip() in ("", "0"):
+            return None
+        limits = parse_recipient_limits(value)
+        if len(limits) != 1:
+            raise ValueError(f"{value!r} is not one N/window such as 30/1m, nor 0 for off")
+        return limits[0]
 
     @field_validator("auth_tokens", mode="before")
     @classmethod

@@ -9,15 +9,17 @@ from typing import Any
 
 import pytest
 
-from notifier.errors import InvalidRequest, NotFound, Unavailable, UnknownChannel
-from notifier.handler import Handler
+from notifier.errors import InvalidRequest, NotFound, RateLimited, Unavailable, UnknownChannel
+from notifier.handler import LIMITED_OPS, Handler
 from notifier.intake import Intake
 from notifier.metrics import Metrics
 from notifier.models import Enqueued, JobStatus, NewJob, Outcome
 from notifier.protocol import OPS, parse_request
 from notifier.service import Service
+from notifier.settings import RecipientLimit
 from notifier.store import Store, StoreUnavailable
 from notifier.templates import Templates
+from tests.support.clock import Clock
 from tests.support.server import isolated_settings
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
@@ -216,3 +218,64 @@ async def test_suppress_list_and_unsuppress(handler: Handler, store: Store) -> N
 async def test_suppress_needs_an_address(handler: Handler, address: object) -> None:
     with pytest.raises(InvalidRequest, match="address"):
         await handle(handler, {"op": "suppress", "address": address})
+
+
+# --- per-token limits on the admin ops that requeue or delete --------------------------------
+
+LIMITED = {
+    "retry": {"op": "retry", "since": "1h"},
+    "purge": {"op": "purge", "older_than": "30d"},
+    "unsuppress": {"op": "unsuppress", "address": "a@example.com"},
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def limited(handler: Handler, store: Store, clock: Clock) -> Handler:
+    """The handler with at most 2 requeues or deletes per token per minute."""
+    return Handler(
+        intake=handler.intake, store=store, admin_limit=RecipientLimit(2, 60.0), clock=clock
+    )
+
+
+async def test_admin_ops_over_a_tokens_limit_are_rate_limited_and_do_nothing(
+    limited: Handler, store: Store, clock: Clock
+) -> None:
+    assert set(LIMITED) == LIMITED_OPS
+    suppress = parse_request({"op": "suppress", "address": "a@example.com"})
+    for op, request in LIMITED.items():
+        token = f"token {op}"
+        await limited.handle(parse_request(request), caller=token)
+        await limited.handle(parse_request(request), caller=token)
+        await limited.handle(suppress, caller=token)
+        with pytest.raises(RateLimited, match=rf"^{op}: {token} went over 2/60s") as refused:
+            limited.handle(parse_request(request), caller=token)
+        assert "try again in 30s" in refused.value.message
+    assert await store.suppressed({"a@example.com"}), "the refused unsuppress did nothing"
+
+
+async def test_admin_limit_is_per_token_and_refills(
+    limited: Handler, store: Store, clock: Clock
+) -> None:
+    failed = await job_in(limited, store, JobStatus.FAILED)
+    retry = parse_request({"op": "retry", "id": failed})
+    for _ in range(2):
+        limited.handle(parse_request(LIMITED["purge"]), caller="token 1")
+    with pytest.raises(RateLimited):
+        limited.handle(retry, caller="token 1")
+    assert await limited.handle(retry, caller="token 2") == {"ids": [failed]}
+    clock.now += 30
+    limited.handle(parse_request(LIMITED["purge"]), caller="token 1")
+    with pytest.raises(RateLimited):
+        limited.handle(retry, caller="token 1")
+
+
+async def test_reading_and_sending_are_not_admin_limited(limited: Handler, store: Store) -> None:
+    for _ in range(5):
+        await limited.handle(parse_request({"op": "jobs"}), caller="token 1")
+        await limited.handle(parse_request({"op": "suppressions"}), caller="token 1")
+        await limited.handle(parse_request(SMS), caller="token 1")

@@ -9,20 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 from twilio.request_validator import RequestValidator
 
 from notifier.http import sign
 from notifier.metrics import Metrics
 from notifier.ops import HTTPServer
-from notifier.receipts import AddressBuckets, DeliveryReport, ReceiptsApp
+from notifier.receipts import IHUYI_FIELDS, AddressBuckets, DeliveryReport, ReceiptsApp
 from notifier.settings import SettingsError, load_settings
 from notifier.store import StoreUnavailable
 from tests.support.clock import Clock
@@ -30,6 +34,7 @@ from tests.support.http_sink import HTTPSink, Reply, ihuyi_gateway
 from tests.support.prometheus import metric
 from tests.support.server import LineConnection, free_port, running_server
 from tests.support.waiting import wait_for
+from tests.test_fuzz import FUZZ, JSON_VALUES
 
 PUBLIC_URL = "https://notify.example.com/notifier"
 TWILIO_URL = PUBLIC_URL + "/receipts/twilio"
@@ -572,3 +577,122 @@ async def test_a_verification_sms_from_send_to_its_receipt_callback(
         status = await conn.request({"op": "status", "id": sent["id"]})
         assert status["status"] == "delivered" and status["receipts"]
         await conn.close()
+
+
+# --- fuzzing: whatever arrives, a documented answer ------------------------------------------
+
+#: Every status the listener documents; 429 and 503 cannot happen here (no rate limit, a
+#: sink that works), so anything else, a 500 above all, is a bug.
+DOCUMENTED = {200, 400, 403, 404, 405, 413}
+CONTENT_TYPES: list[str | bytes | None] = [
+    None,
+    FORM,
+    FORM + "; charset=utf-8",
+    "multipart/form-data",
+    "multipart/form-data; boundary=x",
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded; charset=latin-1",
+    "\u00e9/\u00e9".encode("latin-1"),
+]
+FORM_NAMES = st.sampled_from(
+    [*IHUYI_FIELDS, "MessageSid", "MessageStatus", "ErrorCode", "To", "AccountSid"]
+) | st.text(max_size=8)
+#: What an HTTP client can put in a header at all: latin-1 without control characters.
+HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"))
+FORM_VALUES = st.sampled_from(
+    ["", "2", "0", "delivered", "failed", "sent", "2024-13-45 99:99:99", "%ff", "\x00"]
+) | st.text(max_size=30)
+
+
+@st.composite
+def receipt_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A request any client could send: a path, a body of some kind, perhaps a signature."""
+    path = draw(st.sampled_from(["/", "/receipts", "/receipts/ihuyi/x", "/receipts/%00"]))
+    kind = draw(st.sampled_from(["form", "multipart", "json", "report", "bytes"]))
+    headers: dict[str, str | bytes] = {}
+    method = draw(st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]))
+    request: dict[str, Any] = {"method": method, "odd_path": path}
+    if kind == "form":
+        fields = draw(st.lists(st.tuples(FORM_NAMES, FORM_VALUES), max_size=12))
+        request["content"] = urlencode(fields).encode()
+        headers["Content-Type"] = FORM
+        if draw(st.booleans()):
+            signed = RequestValidator(AUTH_TOKEN).compute_signature(TWILIO_URL, dict(fields))
+            headers["X-Twilio-Signature"] = signed
+    elif kind == "multipart":
+        request["files"] = {draw(FORM_NAMES) or "f": ("a.txt", draw(st.binary(max_size=100)))}
+        request["data"] = dict(draw(st.lists(st.tuples(FORM_NAMES, FORM_VALUES), max_size=4)))
+    elif kind == "json":
+        request["content"] = json.dumps(draw(JSON_VALUES)).encode()
+    elif kind == "report":
+        report: dict[str, Any] = {**WEBHOOK_REPORT}
+        for field in draw(st.lists(st.sampled_from(["id", "to", "state", "reason", "x"]))):
+            report[field] = draw(JSON_VALUES)
+        request["content"] = json.dumps(report).encode()
+    else:
+        request["content"] = draw(st.binary(max_size=2000))
+    if "content" in request and kind != "form":
+        headers.update(draw(body_headers(request["content"])))
+    request["headers"] = headers
+    return request
+
+
+@st.composite
+def body_headers(draw: st.DrawFn, content: bytes) -> dict[str, str | bytes]:
+    """Some Content-Type or none, and a signature that is right, garbage or absent."""
+    headers: dict[str, str | bytes] = {}
+    content_type = draw(st.sampled_from(CONTENT_TYPES))
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    signature = draw(st.sampled_from(["none", "right", "junk"]))
+    if signature == "right":
+        headers["X-Notifier-Signature"] = sign(WEBHOOK_KEY.encode(), content)
+    elif signature == "junk":
+        headers["X-Notifier-Signature"] = draw(HEADER_TEXT).encode("latin-1")
+        headers["X-Twilio-Signature"] = draw(HEADER_TEXT).encode("latin-1")
+    return headers
+
+
+@pytest.fixture
+async def fuzzed(
+    sink: Sink, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[httpx.AsyncClient]:
+    """One listener for every example, without its rate limit."""
+    async with serving(sink, metrics, rate_limit=0.0) as (client, _):
+        yield client
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@settings(FUZZ, max_examples=60)
+@given(request=receipt_requests())
+@example(request={"method": "POST", "content": b"code=2&smsid=%ff%fe", "headers": {}})
+@example(request={"method": "POST", "content": b"--x\r\n\r\n", "headers": {}})
+@example(request={"method": "POST", "content": b"\xff" * 10, "headers": {"Content-Type": FORM}})
+@example(
+    request={
+        "method": "POST",
+        "content": b"--x\r\nContent-Disposition: form-data\r\n\r\nv\r\n--x--\r\n",
+        "headers": {"Content-Type": "multipart/form-data; boundary=x"},
+    }
+)
+async def test_any_request_gets_a_documented_answer(
+    fuzzed: httpx.AsyncClient, sink: Sink, request: dict[str, Any]
+) -> None:
+    request = dict(request)
+    paths = [
+        "/receipts/ihuyi",
+        "/receipts/twilio",
+        "/receipts/webhook",
+        request.pop("odd_path", "/"),
+    ]
+    for path in paths:
+        before = len(sink.reports)
+        response = await fuzzed.request(url=path, **request)
+        assert response.status_code in DOCUMENTED, (path, request, response.text)
+        assert len(response.content) < 2048 and AUTH_TOKEN not in response.text
+        assert WEBHOOK_KEY not in response.text
+        if response.status_code != 200:
+            assert len(sink.reports) == before, "a refused request recorded something"
+    still = await fuzzed.post("/receipts/webhook", **signed_webhook(WEBHOOK_REPORT))
+    assert still.status_code == 200, "the listener stopped taking good reports"

@@ -403,7 +403,7 @@ class HeldHandler:
     def __init__(self) -> None:
         self.started: list[tuple[Any, asyncio.Future[dict[str, Any]]]] = []
 
-    def handle(self, request: Request) -> asyncio.Future[dict[str, Any]]:
+    def handle(self, request: Request, *, caller: str) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.started.append((request.ref, future))
         return future

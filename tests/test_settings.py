@@ -177,3 +177,14 @@ def test_a_bad_mailbox_url_is_refused_without_its_password(url: str) -> None:
 def test_a_database_password_is_not_in_the_repr() -> None:
     settings = Settings(_env_file=None, database_url="postgresql://notifier:hunter2@db/notifier")  # type: ignore[call-arg]
     assert "hunter2" not in repr(settings)
+
+
+def test_admin_rate_limit_is_on_by_default_and_0_turns_it_off() -> None:
+    assert str(load_settings(_env_file=None).admin_rate_limit) == "30/60s"
+    assert str(load_settings(_env_file=None, admin_rate_limit="5/1h").admin_rate_limit) == "5/3600s"
+    assert load_settings(_env_file=None, admin_rate_limit="0").admin_rate_limit is None
+
+
+@pytest.mark.parametrize("value", ["often", "1/1s,2/1m", "0/1m"])
+def test_admin_rate_limit_that_is_not_one_window_is_refused(value: str) -> None:
+    assert refusal(admin_rate_limit=value).startswith("NOTIFIER_ADMIN_RATE_LIMIT: ")

@@ -175,9 +175,10 @@ async def running_smtp_sink(
     ca: trustme.CA,
     *,
     credentials: tuple[str, str] | None = None,
+    sink: SMTPSink | None = None,
 ) -> AsyncIterator[SMTPSink]:
-    """Serve SMTP in this event loop until the block ends."""
-    sink = SMTPSink(credentials=credentials)
+    """Serve SMTP in this event loop until the block ends (with ``sink``'s hooks, if given)."""
+    sink = sink or SMTPSink(credentials=credentials)
     tls = server_context(ca) if security != "none" else None
     loop = asyncio.get_running_loop()
 

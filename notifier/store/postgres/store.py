@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pydantic_core
 
 from notifier.models import (
     CallbackBacklog,
@@ -257,7 +258,7 @@ class PostgresStore(Store):
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key",
                 [job.message.id for job in rows],
                 [job.message.channel for job in rows],
-                [json.dumps(job.message.to_dict()) for job in rows],
+                [pydantic_core.to_json(job.message.to_dict()).decode() for job in rows],
                 [job.idempotency_key for job in rows],
                 [job.run_at for job in rows],
                 [job.priority.rank for job in rows],

@@ -613,10 +613,9 @@ class Engine:
         return await Container(name, port).started()
 
     async def remove(self) -> None:
-        for name in self.containers:
-            await run(DOCKER, "rm", "--force", "--volumes", name)
-        for name in self.volumes:
-            await run(DOCKER, "volume", "rm", "--force", name)
+        """All at once: removing a container is slow with the vfs storage driver."""
+        await asyncio.gather(*(run(DOCKER, "rm", "--force", name) for name in self.containers))
+        await asyncio.gather(*(run(DOCKER, "volume", "rm", "--force", v) for v in self.volumes))
 
 
 @pytest.fixture

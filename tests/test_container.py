@@ -528,7 +528,7 @@ def image() -> Image:
         pytest.skip(message)
     started = time.monotonic()
     build = ("build", "--network", "host", "--tag", "notifier:test", "--quiet", str(ROOT))
-    image_id = asyncio.run(docker(*build, timeout=1800))
+    image_id = asyncio.run(docker(*build, timeout=900))
     seconds = time.monotonic() - started
     size = int(asyncio.run(docker("image", "inspect", "--format", "{{.Size}}", image_id)))
     return Image(image_id, seconds, size)

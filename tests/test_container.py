@@ -1,42 +1,47 @@
-"""The container files: Dockerfile, .dockerignore, docker-compose.yml.
+"""The container files: Dockerfile, .dockerignore, docker-compose.yml and its host override.
 
-There is no Docker engine here, so the image is never built. What can be checked is:
-the compose file is valid (``docker-compose config``, skipped only when that binary is missing),
-every ``${VAR}`` it uses is documented in .env.example, the files have the shape the image needs
-(exec-form CMD, non-root, state under the /data volume, health checks), and the image's command
-with the image's environment serves from a wheel built from the files the Dockerfile copies out
-of the build context that .dockerignore leaves.
+Without an engine: the compose files are valid (``docker-compose config``, skipped only when that
+binary is missing), every ``${VAR}`` they use is documented in .env.example, and the files have
+the shape the image needs (exec-form CMD, non-root, state under the /data volume, health checks).
+
+With an engine (``../shared/tools/container-engine up``; marker ``container``): the image is
+built once per session and run with ``--network host``, so every connection stays on
+127.0.0.1: deliveries to the outbox volume and to a TLS SMTP sink, the HEALTHCHECK as Docker
+runs it, the non-root PID 1, ``docker stop`` losing nothing, the SQLite volume outliving its
+container, two containers on one PostgreSQL queue, and the compose file's notifier service
+started for real. These skip only when no engine answers and CI is not set; in CI they fail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import sysconfig
-from collections.abc import Iterator
-from contextlib import suppress
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+import trustme
 import yaml
 
-from tests.support.server import free_port
-from tests.support.waiting import wait_for_sync
+from tests.support.server import LineConnection, free_port
+from tests.support.smtp import running_smtp_sink
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
+HOST_OVERRIDE = ROOT / "deploy" / "compose" / "host.override.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
 APT_HINT = "apt-get update && apt-get install -y docker-compose"
@@ -123,13 +128,12 @@ class Dockerfile:
             volumes += json.loads(arguments) if arguments.startswith("[") else arguments.split()
         return volumes
 
-    def build_stage_copies(self) -> list[str]:
-        """Sources of the first stage's COPY from the build context (not --from another stage)."""
+    def context_copies(self) -> list[str]:
+        """Sources of every COPY from the build context (not --from another stage)."""
         sources: list[str] = []
-        for arguments in self.all("COPY", stage=0):
-            parts = [p for p in shlex.split(arguments) if not p.startswith("--")]
-            assert "--from" not in arguments, "the build stage copies from the context only"
-            sources += parts[:-1]
+        for arguments in self.all("COPY"):
+            if "--from" not in arguments:
+                sources += [p for p in shlex.split(arguments) if not p.startswith("--")][:-1]
         return sources
 
 
@@ -164,25 +168,8 @@ def dockerignored(path: str, patterns: list[tuple[bool, str]]) -> bool:
     return excluded
 
 
-def build_context(destination: Path) -> Path:
-    """Copy of the repository as `docker build .` would send it, after .dockerignore."""
-    patterns = dockerignore_patterns()
-    for folder, subfolders, files in os.walk(ROOT):
-        relative = Path(folder).relative_to(ROOT)
-        subfolders[:] = [
-            d for d in subfolders if not dockerignored((relative / d).as_posix(), patterns)
-        ]
-        for name in files:
-            if not dockerignored((relative / name).as_posix(), patterns):
-                target = destination / relative / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with suppress(FileNotFoundError):  # a file someone's tool just removed
-                    shutil.copy2(Path(folder) / name, target)
-    return destination
-
-
-def compose_file() -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+def compose_file(path: Path = COMPOSE) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return document
 
 
@@ -203,8 +190,9 @@ INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)[^}]*\}|\$([A-Za-z
 
 
 def compose_variables() -> set[str]:
+    """The variables docker-compose.yml and its host override interpolate."""
     names = set()
-    for text in _strings(compose_file()):
+    for text in _strings([compose_file(COMPOSE), compose_file(HOST_OVERRIDE)]):
         for braced, bare in INTERPOLATION.findall(text):
             if braced or bare:
                 names.add(braced or bare)
@@ -230,20 +218,40 @@ def environment_of(service: dict[str, Any]) -> dict[str, str]:
 # --- docker-compose config ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Compose:
+    """docker-compose run in a copy of the compose files, where only the copy's .env and the
+    variables given here supply the compose variables."""
+
+    context: Path
+    files: tuple[str, ...] = ("docker-compose.yml",)
+    variables: tuple[tuple[str, str], ...] = ()
+
+    def command(self, *arguments: str) -> list[str]:
+        binary = shutil.which("docker-compose")
+        if binary is None:
+            pytest.skip(f"the docker-compose binary is not installed ({APT_HINT})")
+        files = [option for name in self.files for option in ("-f", name)]
+        return [binary, "--project-directory", str(self.context), *files, *arguments]
+
+    def project(self) -> str:
+        return dict(self.variables).get("COMPOSE_PROJECT_NAME", self.context.name)
+
+    def environment(self) -> dict[str, str]:
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in compose_variables() and not k.startswith("COMPOSE_")
+        }
+        return {**inherited, **dict(self.variables)}
+
+
 def docker_compose(context: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip(f"the docker-compose binary is not installed ({APT_HINT})")
-    # Only the .env in the context may supply the compose variables.
-    environment = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in compose_variables() and not k.startswith("COMPOSE_")
-    }
+    compose = Compose(context)
     return subprocess.run(
-        [binary, "--project-directory", str(context), "-f", "docker-compose.yml", *arguments],
+        compose.command(*arguments),
         cwd=context,
-        env=environment,
+        env=compose.environment(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -252,9 +260,11 @@ def docker_compose(context: Path, *arguments: str) -> subprocess.CompletedProces
 
 @pytest.fixture
 def compose_context(tmp_path: Path) -> Path:
-    """The compose file beside its Dockerfile, with .env copied from .env.example."""
-    for path in (COMPOSE, DOCKERFILE, DOCKERIGNORE):
-        shutil.copy2(path, tmp_path / path.name)
+    """The compose files beside the Dockerfile, with .env copied from .env.example."""
+    for path in (COMPOSE, DOCKERFILE, DOCKERIGNORE, HOST_OVERRIDE):
+        target = tmp_path / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
     shutil.copy2(ENV_EXAMPLE, tmp_path / ".env")
     return tmp_path
 
@@ -369,7 +379,12 @@ def test_dockerfile_is_multi_stage_with_a_slim_python_311_runtime() -> None:
     base = dockerfile.last("FROM").split()[0]
     base = re.sub(r"\$\{(\w+)\}", lambda m: arguments[m.group(1)], base)
     assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base), base
-    assert any("pip wheel" in run for run in dockerfile.all("RUN", stage=0))
+    build_runs = [
+        i.arguments
+        for i in dockerfile.instructions
+        if i.keyword == "RUN" and i.stage < dockerfile.final_stage
+    ]
+    assert any("pip wheel" in run for run in build_runs)
     runtime_runs = " ".join(dockerfile.all("RUN", stage=dockerfile.final_stage))
     for tool in ("apt-get", "gcc", "build-essential", "curl", "wget"):
         assert tool not in runtime_runs, f"the runtime stage installs {tool}"
@@ -417,200 +432,360 @@ def test_dockerignore_keeps_secrets_and_local_state_out_but_the_sources_in() -> 
         "notifier.egg-info/PKG-INFO",
     ):
         assert dockerignored(path, patterns), f"{path} would be sent to the builder"
-    for source in Dockerfile.read().build_stage_copies():
+    for source in Dockerfile.read().context_copies():
         assert not dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
     assert not dockerignored("notifier/server.py", patterns)
 
 
-# --- the image's command, from a wheel install ----------------------------------------------
-
-
-@dataclass
-class Installed:
-    venv: Path
-
-    @property
-    def bin(self) -> Path:
-        return self.venv / "bin"
-
-
-def _run(*command: str | Path, cwd: Path | None = None) -> str:
+def test_host_override_runs_notifier_alone_on_the_host_network(compose_context: Path) -> None:
+    override = str(HOST_OVERRIDE.relative_to(ROOT))
+    compose = Compose(
+        compose_context,
+        ("docker-compose.yml", override),
+        (("HOST_DATABASE_URL", "postgresql://notifier@127.0.0.1:5432/queue"), ("HOST_PORT", "17")),
+    )
     result = subprocess.run(
-        [str(part) for part in command], cwd=cwd, capture_output=True, text=True, timeout=120
+        compose.command("config"),
+        cwd=compose_context,
+        env=compose.environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
-    return result.stdout
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+    notifier = yaml.safe_load(result.stdout)["services"]["notifier"]
+    assert notifier["network_mode"] == "host"
+    environment = environment_of(notifier)
+    assert environment["NOTIFIER_DATABASE_URL"] == "postgresql://notifier@127.0.0.1:5432/queue"
+    assert environment["NOTIFIER_PORT"] == "17"
+    assert environment["NOTIFIER_HOST"] == environment["NOTIFIER_SMTP_HOST"] == "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    """notifier installed from a wheel into a fresh venv, as the image's runtime stage does.
+# --- the image, built and run in a container engine -------------------------------------------
 
-    The wheel is built from exactly what the Dockerfile's build stage copies out of the
-    .dockerignore'd context. Differences from the image, for speed and to work offline: the
-    wheel is built without build isolation, and the dependencies are not installed but taken
-    from this interpreter's site-packages through a .pth file (which does not bring this
-    checkout's editable install along: .pth files are processed only in site folders).
-    """
-    root = tmp_path_factory.mktemp("image")
-    context = build_context(root / "context")
-    source = root / "src"
-    for copied in Dockerfile.read().build_stage_copies():
-        origin = context / copied
-        assert origin.exists(), f"COPY {copied}: not in the build context"
-        if origin.is_dir():
-            shutil.copytree(origin, source / copied)
-        else:
-            source.mkdir(exist_ok=True)
-            shutil.copy2(origin, source / copied)
-    wheels = root / "wheels"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    _run(*pip, "wheel", "--no-deps", "-w", wheels, source, cwd=root)
-    (wheel,) = wheels.glob("notifier-*.whl")
-    venv = root / "venv"
-    _run(sys.executable, "-m", "venv", "--without-pip", venv)
-    python = venv / "bin" / "python"
-    _run(*pip, "--python", python, "install", "--no-deps", "--no-index", wheel)
-    site_packages = _run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
-    dependencies = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    Path(site_packages.strip(), "_dependencies.pth").write_text(
-        "".join(f"{path}\n" for path in sorted(dependencies)), encoding="utf-8"
+DOCKER = "/usr/bin/docker"  # Debian's client: it builds with BuildKit without the buildx plugin
+ENGINE_HINT = "bash ../shared/tools/container-engine up"
+#: The uid the Dockerfile's USER names.
+NOTIFIER_UID = "10001"
+#: Fast retries and polls, so the tests wait on deliveries, not on backoff.
+QUICK = {
+    "NOTIFIER_POLL_INTERVAL": "0.2",
+    "NOTIFIER_RETRY_BASE_DELAY": "0.1",
+    "NOTIFIER_RETRY_MAX_DELAY": "0.5",
+}
+Test = TypeVar("Test", bound=Callable[..., Any])
+
+
+def in_engine(test: Test) -> Test:
+    """Marked ``container``, with time for the session's image build in the first such test."""
+    marked: Test = pytest.mark.container(pytest.mark.timeout(1200)(test))
+    return marked
+
+
+async def run(
+    *command: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """A command run without blocking the event loop (the SMTP sink serves in it)."""
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    return Installed(venv)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"{shlex.join(command)}: no answer within {timeout}s") from None
+    assert process.returncode is not None
+    output, errors = (text.decode(errors="replace") for text in (stdout, stderr))
+    return subprocess.CompletedProcess(command, process.returncode, output, errors)
+
+
+async def docker(*arguments: str, timeout: float = 120) -> str:
+    """``docker ARGUMENTS``' output; a non-zero exit fails with docker's own message."""
+    # Debian's docker 20.10 builds with BuildKit (RUN --mount) only when asked to.
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    result = await run(DOCKER, *arguments, env=env, timeout=timeout)
+    assert result.returncode == 0, f"docker {shlex.join(arguments)}: {result.stderr}"
+    return result.stdout.strip()
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    build_seconds: float
+    size: int
+
+
+@pytest.fixture(scope="session")
+def image() -> Image:
+    """The image built from this checkout, once per session (warm: seconds, from the cache)."""
+    engine = asyncio.run(run(DOCKER, "info")) if os.access(DOCKER, os.X_OK) else None
+    if engine is None or engine.returncode != 0:
+        message = f"no container engine answers at {DOCKER} ({ENGINE_HINT})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.monotonic()
+    build = ("build", "--network", "host", "--tag", "notifier:test", "--quiet", str(ROOT))
+    image_id = asyncio.run(docker(*build, timeout=900))
+    seconds = time.monotonic() - started
+    size = int(asyncio.run(docker("image", "inspect", "--format", "{{.Size}}", image_id)))
+    return Image(image_id, seconds, size)
 
 
 @dataclass
-class ImageProcess:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    data: Path
-    log: Path
+class Container:
+    name: str
+    port: int
 
-    @property
-    def port(self) -> int:
-        return int(self.env["NOTIFIER_PORT"])
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as conn:
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            answer: dict[str, Any] = json.loads(conn.makefile("rb").readline())
-            return answer
-
-    def answers_ping(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"exited with {self.process.returncode}:\n{self.output()}")
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        conn = await LineConnection.open(self.port)
         try:
-            return self.request({"op": "ping"}) == {"ok": True}
+            return await conn.request(request)
+        finally:
+            await conn.close()
+
+    async def send(self, **job: Any) -> str:
+        answer = await self.request(job)
+        assert answer["ok"] is True, answer
+        job_id: str = answer["id"]
+        return job_id
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        answer = await self.request({"op": "status", "id": job_id})
+        assert answer["ok"] is True, answer
+        return answer
+
+    async def delivered(self, job_id: str) -> bool:
+        return (await self.status(job_id))["status"] == "delivered"
+
+    async def inspect(self, field: str) -> str:
+        return await docker("inspect", "--format", "{{" + field + "}}", self.name)
+
+    async def logs(self) -> str:
+        result = await run(DOCKER, "logs", self.name)
+        return result.stdout + result.stderr
+
+    async def answers_ping(self) -> bool:
+        try:
+            return await self.request({"op": "ping"}) == {"ok": True}
         except OSError:
+            if await self.inspect(".State.Running") != "true":
+                raise AssertionError(f"{self.name} stopped:\n{await self.logs()}") from None
             return False
 
+    async def started(self) -> Container:
+        await wait_for(self.answers_ping, timeout=60, what=f"{self.name} to answer ping")
+        return self
 
-def image_environment(installed: Installed, data: Path) -> dict[str, str]:
-    """The Dockerfile's ENV with /data moved to ``data``, free ports, and loopback only."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("NOTIFIER_", "PYTHON", "VIRTUAL_ENV"))
-    }
-    for key, value in Dockerfile.read().env().items():
-        if key == "PATH":
-            assert value.endswith(":$PATH")
-            value = f"{installed.bin}:{os.environ['PATH']}"
-        elif key.startswith("NOTIFIER_") and key.endswith("_PORT"):
-            value = str(free_port())
-        else:
-            assert "$" not in value, f"ENV {key}: unexpected substitution"
-            value = re.sub(r"(?<![\w.])/data(?=/|$)", str(data), value)
-        env[key] = value
-    # The image binds 0.0.0.0 (checked above); tests listen on loopback only.
-    env["NOTIFIER_HOST"] = "127.0.0.1"
-    return env
+
+class Engine:
+    """Containers and volumes of one test, on the host's network, removed after it."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+
+    async def volume(self) -> str:
+        name = await docker("volume", "create", f"notifier-test-{secrets.token_hex(6)}")
+        self.volumes.append(name)
+        return name
+
+    async def start(self, volume: str, *options: str, **env: str) -> Container:
+        """The image's own command, on free ports of 127.0.0.1, with ``volume`` at /data."""
+        name = f"notifier-test-{secrets.token_hex(6)}"
+        port = free_port()
+        settings = {
+            "NOTIFIER_HOST": "127.0.0.1",
+            "NOTIFIER_PORT": str(port),
+            "NOTIFIER_HTTP_PORT": str(free_port()),
+            **QUICK,
+            **env,
+        }
+        variables = [option for item in settings.items() for option in ("--env", "=".join(item))]
+        self.containers.append(name)
+        await docker(
+            "run", "--detach", "--name", name, "--network", "host", "--volume", f"{volume}:/data",
+            *variables, *options, self.image.id,
+        )  # fmt: skip
+        return await Container(name, port).started()
+
+    async def remove(self) -> None:
+        """All at once: removing a container is slow with the vfs storage driver."""
+        await asyncio.gather(*(run(DOCKER, "rm", "--force", name) for name in self.containers))
+        await asyncio.gather(*(run(DOCKER, "volume", "rm", "--force", v) for v in self.volumes))
 
 
 @pytest.fixture
-def image_process(installed: Installed, tmp_path: Path) -> Iterator[ImageProcess]:
-    data = tmp_path / "data"  # the /data volume, and the WORKDIR
-    data.mkdir()
-    env = image_environment(installed, data)
-    command = Dockerfile.read().cmd()
-    executable = shutil.which(command[0], path=env["PATH"])
-    assert executable is not None and Path(executable).parent == installed.bin, executable
-    log = tmp_path / "serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, env=env, cwd=data, stdout=output, stderr=subprocess.STDOUT
-        )
-    running = ImageProcess(process, env, data, log)
+async def engine(image: Image) -> AsyncIterator[Engine]:
+    running = Engine(image)
     try:
-        try:
-            wait_for_sync(running.answers_ping, timeout=30, what="the image's command to answer")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; its output:\n{running.output()}") from None
         yield running
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
+        await running.remove()
 
 
-def test_the_installed_package_is_the_wheel(installed: Installed, tmp_path: Path) -> None:
-    located = subprocess.run(
-        [str(installed.bin / "python"), "-c", "import notifier; print(notifier.__file__)"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    assert Path(located).is_relative_to(installed.venv), located
+def email(subject: str, to: str = "ops@example.com", **extra: str) -> dict[str, str]:
+    return {"channel": "email", "to": to, "subject": subject, "text": f"{subject}.", **extra}
 
 
-def test_image_command_serves_a_send_and_stops_on_sigterm(image_process: ImageProcess) -> None:
-    sent = image_process.request(
-        {"channel": "email", "to": "ops@example.com", "subject": "container", "text": "hello"}
-    )
-    assert sent["ok"] is True, sent
-    job_id = sent["id"]
-
-    def delivered() -> bool:
-        return bool(image_process.request({"op": "status", "id": job_id})["status"] == "delivered")
-
-    wait_for_sync(delivered, timeout=30, what=f"job {job_id} to be delivered")
-    # No SMTP host in the image's environment: the message is in the outbox in the volume,
-    # beside the SQLite file, and nothing was written outside it.
-    assert (image_process.data / "outbox" / "email" / f"{job_id}.eml").is_file()
-    assert (image_process.data / "notifier.db").is_file()
-
-    image_process.process.send_signal(signal.SIGTERM)
-    assert image_process.process.wait(30) == 0, image_process.output()
-    assert "Traceback" not in image_process.output()
-
-
-def test_image_healthcheck_passes_against_the_running_service(
-    image_process: ImageProcess,
+@in_engine
+def test_image_builds_and_its_size_is_reported(
+    image: Image, record_property: Callable[[str, object], None]
 ) -> None:
-    result = subprocess.run(
-        Dockerfile.read().healthcheck(),
-        env=image_process.env,
-        cwd=image_process.data,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr + image_process.output()
+    megabytes = image.size / 1e6
+    record_property("image_size_mb", round(megabytes, 1))
+    record_property("image_build_seconds", round(image.build_seconds, 1))
+    print(f"image {image.id}: {megabytes:.1f} MB, built in {image.build_seconds:.1f} s")
+    assert 50 < megabytes < 1000, "not a notifier image of a sane size"
 
 
-def test_image_healthcheck_fails_when_nothing_answers(installed: Installed, tmp_path: Path) -> None:
-    env = image_environment(installed, tmp_path)  # a free port, with nothing listening on it
-    result = subprocess.run(
-        Dockerfile.read().healthcheck(),
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0
+@in_engine
+async def test_outbox_delivery_and_the_sqlite_volume_outlive_the_container(engine: Engine) -> None:
+    volume = await engine.volume()
+    first = await engine.start(volume)
+    job_id = await first.send(**email("kept", idempotency_key="order-1"))
+    await wait_for(lambda: first.delivered(job_id), timeout=30, what=f"job {job_id} delivered")
+    # No SMTP host: the message is in the outbox, in the volume, written by the image's user.
+    message = await docker("exec", first.name, "cat", f"/data/outbox/email/{job_id}.eml")
+    assert "Subject: kept" in message
+    assert await docker("exec", first.name, "stat", "-c", "%u", "/data/notifier.db") == NOTIFIER_UID
+    await docker("rm", "--force", first.name)
+
+    second = await engine.start(volume)
+    status = await second.status(job_id)
+    assert (status["status"], status["attempts"]) == ("delivered", 1), status
+    again = await second.request(email("kept", idempotency_key="order-1"))
+    assert (again["id"], again.get("duplicate")) == (job_id, True), again
+    listed = await docker("exec", second.name, "ls", "/data/outbox/email")
+    assert listed.split() == [f"{job_id}.eml"]
+
+
+@in_engine
+async def test_healthy_non_root_and_delivering_over_tls_to_a_private_ca(
+    engine: Engine, tls_ca: trustme.CA, ca_file: Path
+) -> None:
+    async with running_smtp_sink("ssl", tls_ca) as sink:
+        started = await engine.start(
+            await engine.volume(),
+            "--volume", f"{ca_file}:/etc/notifier/ca.pem:ro",
+            NOTIFIER_SMTP_HOST="127.0.0.1",
+            NOTIFIER_SMTP_PORT=str(sink.port),
+            NOTIFIER_SMTP_SECURITY="ssl",
+            NOTIFIER_SMTP_CA_FILE="/etc/notifier/ca.pem",
+        )  # fmt: skip
+        job_id = await started.send(**email("over TLS"))
+        await wait_for(lambda: sink.messages, timeout=30, what="the message at the SMTP sink")
+        await wait_for(lambda: started.delivered(job_id), timeout=30, what=f"{job_id} delivered")
+        assert sink.messages[0].parsed()["Subject"] == "over TLS"
+
+        # Docker runs the image's HEALTHCHECK itself (every 10 s) until it reports healthy.
+        async def healthy() -> bool:
+            return await started.inspect(".State.Health.Status") == "healthy"
+
+        await wait_for(healthy, timeout=90, what=f"{started.name} to be healthy")
+        # PID 1 is notifier itself (exec form, no shell), as the image's non-root user.
+        status = await docker("exec", started.name, "cat", "/proc/1/status")
+        uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+        assert uids == [NOTIFIER_UID] * 4, status
+        command = (await docker("exec", started.name, "cat", "/proc/1/cmdline")).split("\0")[:-1]
+        assert command[-2:] == ["/opt/notifier/bin/notifier", "serve"], command
+
+
+@in_engine
+async def test_docker_stop_exits_0_and_loses_the_job_sent_just_before(
+    engine: Engine, tls_ca: trustme.CA
+) -> None:
+    async with running_smtp_sink("none", tls_ca) as sink:
+        sink.max_sessions = 0  # up, but refusing every session (421): the job stays queued
+        started = await engine.start(
+            await engine.volume(),
+            NOTIFIER_SMTP_HOST="127.0.0.1",
+            NOTIFIER_SMTP_PORT=str(sink.port),
+            NOTIFIER_SMTP_SECURITY="none",
+            NOTIFIER_RETRY_MAX_ATTEMPTS="1000",
+            NOTIFIER_CIRCUIT_FAILURES="1000",
+        )
+        job_id = await started.send(**email("just before stop"))  # answered: stored
+        # SIGTERM; SIGKILL only after 30 s, three times the default NOTIFIER_SHUTDOWN_GRACE.
+        await docker("stop", "--time", "30", started.name, timeout=60)
+        assert await started.inspect(".State.ExitCode") == "0", await started.logs()
+        assert "Traceback" not in await started.logs()
+        assert sink.messages == []
+
+        sink.max_sessions = None
+        await docker("start", started.name)
+        await started.started()
+        await wait_for(lambda: started.delivered(job_id), timeout=30, what=f"{job_id} delivered")
+        assert [m.parsed()["Subject"] for m in sink.messages] == ["just before stop"]
+
+
+@in_engine
+@pytest.mark.postgres
+async def test_two_containers_share_one_postgres_queue(
+    engine: Engine, postgres_url: str, tls_ca: trustme.CA
+) -> None:
+    async with running_smtp_sink("none", tls_ca) as sink:
+        relay = {
+            "NOTIFIER_DATABASE_URL": postgres_url,
+            "NOTIFIER_SMTP_HOST": "127.0.0.1",
+            "NOTIFIER_SMTP_PORT": str(sink.port),
+            "NOTIFIER_SMTP_SECURITY": "none",
+        }
+        instances = [await engine.start(await engine.volume(), **relay) for _ in range(2)]
+        sent = {await instances[n % 2].send(**email(f"job {n}")): f"job {n}" for n in range(10)}
+
+        async def all_delivered() -> bool:
+            # Each job's status asked of the other instance than the one that took it.
+            for n, job_id in enumerate(sent):
+                if not await instances[(n + 1) % 2].delivered(job_id):
+                    return False
+            return True
+
+        await wait_for(all_delivered, timeout=60, what="all ten jobs delivered")
+        assert sorted(m.parsed()["Subject"] for m in sink.messages) == sorted(sent.values())
+        for job_id in sent:
+            assert (await instances[0].status(job_id))["attempts"] == 1
+
+
+@in_engine
+@pytest.mark.postgres
+async def test_compose_notifier_service_on_the_host_network(
+    image: Image, compose_context: Path, postgres_url: str, tls_ca: trustme.CA
+) -> None:
+    port, http_port = free_port(), free_port()
+    async with running_smtp_sink("none", tls_ca) as sink:
+        compose = Compose(
+            compose_context,
+            ("docker-compose.yml", str(HOST_OVERRIDE.relative_to(ROOT))),
+            (
+                ("COMPOSE_PROJECT_NAME", f"notifier-test-{secrets.token_hex(6)}"),
+                ("HOST_IMAGE", "notifier:test"),
+                ("HOST_DATABASE_URL", postgres_url),
+                ("HOST_PORT", str(port)),
+                ("HOST_HTTP_PORT", str(http_port)),
+                ("HOST_SMTP_PORT", str(sink.port)),
+            ),
+        )
+
+        async def compose_run(*arguments: str) -> str:
+            result = await run(*compose.command(*arguments), env=compose.environment())
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+
+        # `run`, not `up`: Compose 1.29 refuses the host network beside the base file's
+        # published ports, which an override can add to but not remove; `run` publishes none.
+        name = f"{compose.project()}-notifier"
+        try:
+            await compose_run("run", "--detach", "--no-deps", "--name", name, "notifier")
+            service = await Container(name, port).started()
+            assert await service.inspect(".Image") == image.id
+            assert await service.inspect(".HostConfig.NetworkMode") == "host"
+            job_id = await service.send(**email("via compose"))
+            await wait_for(lambda: service.delivered(job_id), timeout=30, what=f"{job_id} sent")
+            assert [m.parsed()["Subject"] for m in sink.messages] == ["via compose"]
+        finally:
+            await run(DOCKER, "rm", "--force", name)
+            await compose_run("down", "--volumes")

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from notifier.channels.mime import HeaderInjection, build_email, envelope, envelope_recipients
+from notifier.channels import mime
+from notifier.channels.mime import (
+    POLICY,
+    HeaderInjection,
+    build_email,
+    envelope,
+    envelope_recipients,
+)
 from notifier.channels.outbox import OutboxChannel
 from notifier.models import Message
 
@@ -137,3 +145,20 @@ def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:
     assert envelope_recipients(message) == ["a@example.com", "c@example.com"]
     mail = build_email(message, "notifier@example.com")
     assert "b@example.com" in str(mail["To"]), "headers stay as first sent"
+
+
+def test_header_classes_are_made_once_and_the_bytes_stay_the_stock_policys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = chinese_message(cc=("李四 <li.si@example.com>",), html=None)  # no random boundary
+    ours = bytes(build_email(job, SENDER))
+    monkeypatch.setattr(mime, "POLICY", email.policy.SMTP.clone(cte_type="7bit"))
+    stock = bytes(build_email(job, SENDER))
+
+    def undated(data: bytes) -> bytes:
+        return re.sub(rb"\r\nDate: [^\r]*", b"", data)
+
+    assert undated(ours) == undated(stock)
+    factory = mime.POLICY.header_factory
+    assert factory["Subject"] is not factory["subject"]  # the stock registry makes a new one
+    assert POLICY.header_factory["Subject"] is POLICY.header_factory["subject"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def test_header_classes_are_made_once_and_the_bytes_stay_the_stock_policys(
         return re.sub(rb"\r\nDate: [^\r]*", b"", data)
 
     assert undated(ours) == undated(stock)
-    factory = mime.POLICY.header_factory
-    assert factory["Subject"] is not factory["subject"]  # the stock registry makes a new one
-    assert POLICY.header_factory["Subject"] is POLICY.header_factory["subject"]
+    stock_factory, our_factory = mime.POLICY.header_factory, POLICY.header_factory
+    assert isinstance(stock_factory, HeaderRegistry) and isinstance(our_factory, HeaderRegistry)
+    assert stock_factory["Subject"] is not stock_factory["subject"]  # a new class each time
+    assert our_factory["Subject"] is our_factory["subject"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import json
 import re
+from collections.abc import Callable
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +134,39 @@ async def test_outbox_writes_what_smtp_sends(tmp_path: Path) -> None:
     written = (tmp_path / "email" / "job1.eml").read_bytes()
     assert written.isascii() and b"\r\n" in written
     assert comparable(written) == comparable(bytes(build_email(message, SENDER)))
+
+
+@pytest.mark.parametrize("kind", ["email", "sms"])
+async def test_the_outbox_writes_messages_sent_together_in_one_thread_hop(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[object] = []
+    real = asyncio.to_thread
+
+    async def counted(function: Callable[..., Any], *args: Any) -> Any:
+        hops.append(function)
+        return await real(function, *args)
+
+    monkeypatch.setattr("notifier.channels.outbox.asyncio.to_thread", counted)
+    outbox = OutboxChannel(tmp_path, kind=kind, sender=SENDER)
+    jobs = [
+        chinese_message(id=f"job{n}", channel=kind, to=(f"+86138{n:08d}",) if kind == "sms" else ())
+        for n in range(20)
+    ]
+
+    await asyncio.gather(*(outbox.send(job) for job in jobs))
+    await outbox.aclose()
+
+    assert len(hops) < len(jobs)
+    if kind == "email":
+        assert sorted(p.name for p in (tmp_path / "email").iterdir()) == sorted(
+            f"job{n}.eml" for n in range(20)
+        )
+    else:
+        lines = (tmp_path / "sms.jsonl").read_text().splitlines()
+        assert sorted(json.loads(line)["id"] for line in lines) == sorted(
+            f"job{n}" for n in range(20)
+        )
 
 
 def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:

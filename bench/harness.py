@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 from bench.procs import Child, bench_module, free_port
 
-Field = Literal["rate", "p50", "p99", "rss", "missing"]
+Field = Literal["rate", "p50", "p99", "rss", "missing", "cpu"]
 
 
 @dataclass
 class Sample:
-    """One contender in one run: how many it sent, per second, milliseconds, MiB, and how
-    many were refused or never arrived."""
+    """One contender in one run: how many it sent, per second, milliseconds, MiB, how
+    many were refused or never arrived, and the CPU microseconds it spent per message."""
 
     size: int
     rate: float | None = None
@@ -34,6 +34,7 @@ class Sample:
     p99: float | None = None
     rss: float | None = None
     missing: int = 0
+    cpu: float | None = None
 
     def get(self, name: Field) -> float:
         value = getattr(self, name)
@@ -77,9 +78,12 @@ class Target:
     def show(self, value: float) -> str:
         if self.versus:
             return f"{value:.2f}x"
-        return {"p50": "{:.1f} ms", "p99": "{:.1f} ms", "missing": "{:.0f}"}.get(
-            self.field, "{:.1f}"
-        ).format(value)
+        return {
+            "p50": "{:.1f} ms",
+            "p99": "{:.1f} ms",
+            "missing": "{:.0f}",
+            "cpu": "{:.0f} µs",
+        }.get(self.field, "{:.1f}").format(value)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Sizes:
     priority_backlog: int = 3_000
     priority_jobs: int = 100
     priority_rate: float = 20.0
+    #: Scenarios 12-16: jobs per cost-per-job run.
+    cost: int = 10_000
 
 
 QUICK = Sizes(
@@ -124,6 +130,7 @@ QUICK = Sizes(
     backlog=10_000,
     priority_backlog=400,
     priority_jobs=20,
+    cost=1_000,
 )
 
 #: What a user sending to a provider that answers in tens of milliseconds would set: enough

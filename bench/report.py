@@ -62,8 +62,9 @@ def header(*, runs: int, sizes: Sizes, quick: bool) -> str:
 
 def results_table(outcomes: Sequence[Outcome]) -> str:
     rows = [
-        "| # | scenario | contender | sent | per s | p50 ms | p99 ms | peak RSS MiB | not ok |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|",
+        "| # | scenario | contender | sent | per s | p50 ms | p99 ms | peak RSS MiB | CPU µs each"
+        " | not ok |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for outcome in outcomes:
         for name in outcome.runs[0]:
@@ -77,6 +78,7 @@ def results_table(outcomes: Sequence[Outcome]) -> str:
                 _cell(_median([s.p50 for s in samples]), 2),
                 _cell(_median([s.p99 for s in samples]), 2),
                 _cell(_median([s.rss for s in samples])),
+                _cell(_median([s.cpu for s in samples])),
                 str(max(s.missing for s in samples)),
             ]
             rows.append("| " + " | ".join(cells) + " |")

@@ -17,13 +17,16 @@ from pathlib import Path
 
 import trustme
 
-from bench import delivery, intake, traffic
+from bench import cost, delivery, intake, traffic
 from bench.harness import QUICK, Bench, Scenario, SinkControl, Sizes
 from bench.procs import ROOT, Child, bench_module, free_port
 from bench.report import Outcome, header, results_table, targets_table
 
 SCENARIOS: tuple[Scenario, ...] = tuple(
-    sorted((*intake.SCENARIOS, *delivery.SCENARIOS, *traffic.SCENARIOS), key=lambda s: int(s.key))
+    sorted(
+        (*intake.SCENARIOS, *delivery.SCENARIOS, *traffic.SCENARIOS, *cost.SCENARIOS),
+        key=lambda s: int(s.key),
+    )
 )
 
 

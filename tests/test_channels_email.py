@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import pytest
 import trustme
 
 from notifier.channels.circuit import CircuitState
-from notifier.channels.email import SMTPChannel, classify_smtp_error, create_channel
+from notifier.channels.email import SMTPChannel, _Built, classify_smtp_error, create_channel
+from notifier.channels.mime import build_email
 from notifier.channels.outbox import OutboxChannel
 from notifier.errors import (
     DeliveryConnectionError,
@@ -161,6 +163,45 @@ async def test_a_dropped_pooled_session_is_replaced(
         "<fixed.2@example.com>",
     ]
     assert sink.connections == 2
+
+
+async def test_a_retry_sends_the_message_built_for_the_first_attempt(
+    channel: SMTPChannel, sink: SMTPSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+
+    def counting(job: Message, sender: str) -> EmailMessage:
+        built.append(job.id)
+        return build_email(job, sender)
+
+    monkeypatch.setattr("notifier.channels.email.build_email", counting)
+    sink.fail_next("DATA", "451 4.3.0 try again later")
+    with pytest.raises(TransientDeliveryError):
+        await channel.send(message(1))
+    await channel.send(message(1))
+    sink.fail_next("DATA", "550 5.7.1 refused for good")
+    with pytest.raises(PermanentDeliveryError):
+        await channel.send(message(2))
+    await channel.send(message(2))
+
+    assert built == ["job1", "job2", "job2"]  # built again only after a final outcome
+    assert [m.parsed()["Message-ID"] for m in sink.messages] == [
+        "<fixed.1@example.com>",
+        "<fixed.2@example.com>",
+    ]
+
+
+def test_kept_messages_are_bounded_oldest_let_go_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("notifier.channels.email.BUILT_KEPT", 2)
+    monkeypatch.setattr("notifier.channels.email.BUILT_KEPT_BYTES", 10)
+    built = _Built()
+    for number in range(3):
+        built.keep(f"job{number}", b"abc")
+    built.keep("big", b"x" * 8)
+
+    assert [built.take(f"job{n}") for n in range(3)] == [None, None, None]
+    assert built.take("big") == b"x" * 8
+    assert built.take("big") is None
 
 
 async def test_aclose_says_quit(channel: SMTPChannel, sink: SMTPSink) -> None:

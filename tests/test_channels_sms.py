@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -60,6 +61,10 @@ TWILIO_URL = "https://api.twilio.com/2010-04-01/Accounts/AC123/Messages.json"
 WEBHOOK_URL = "https://gateway.example.com/sms"
 API_KEY = "k3y-that-must-not-leak"
 
+#: The SMS clients run on aiohttp's transport (notifier/channels/sms/transport.py), not
+#: httpcore's pool, so respx mocks them at the httpx client.
+pytestmark = pytest.mark.respx(using="httpx", assert_all_called=False)
+
 
 def sms_settings(provider: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"sms_provider": provider, "sms_api_key": API_KEY}
@@ -98,9 +103,10 @@ def assert_no_secret(error: BaseException, caplog: pytest.LogCaptureFixture) -> 
 # ihuyi
 
 
-@respx.mock
-async def test_ihuyi_posts_the_form_and_returns_the_smsid(ihuyi: Channel) -> None:
-    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, "提交成功", "1601234567"))
+async def test_ihuyi_posts_the_form_and_returns_the_smsid(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
+    route = respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, "提交成功", "1601234567"))
 
     receipt = await ihuyi.send(sms("+8613800138000"))
 
@@ -118,9 +124,10 @@ async def test_ihuyi_posts_the_form_and_returns_the_smsid(ihuyi: Channel) -> Non
     assert ihuyi.provider == "ihuyi"
 
 
-@respx.mock
-async def test_ihuyi_takes_national_numbers_as_given(ihuyi: Channel) -> None:
-    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, smsid="7"))
+async def test_ihuyi_takes_national_numbers_as_given(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
+    route = respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, smsid="7"))
 
     await ihuyi.send(sms("13800138000"))
 
@@ -129,9 +136,10 @@ async def test_ihuyi_takes_national_numbers_as_given(ihuyi: Channel) -> None:
     )
 
 
-@respx.mock
-async def test_ihuyi_refuses_numbers_outside_china(ihuyi: Channel) -> None:
-    route = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2))
+async def test_ihuyi_refuses_numbers_outside_china(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
+    route = respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(2))
 
     with pytest.raises(PermanentDeliveryError, match=r"\+14155550101 is not a Chinese"):
         await ihuyi.send(sms("+14155550101"))
@@ -182,11 +190,10 @@ def test_ihuyi_codes_are_classified(code: int, expected: type[DeliveryError], wa
 
 
 @pytest.mark.parametrize("code", sorted(CODES))
-@respx.mock
 async def test_every_documented_ihuyi_code_is_handled_as_the_table_says(
-    code: int, ihuyi: Channel
+    respx_mock: respx.MockRouter, code: int, ihuyi: Channel
 ) -> None:
-    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(code))
+    respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(code))
 
     with pytest.raises(DeliveryError) as caught:
         await ihuyi.send(sms("+8613800138000"))
@@ -224,11 +231,14 @@ def test_daily_caps_wait_until_the_next_day_in_china(now: datetime, seconds: flo
         (httpx.Response(200, json={"msg": "no code"}), TransientDeliveryError, "unreadable"),
     ],
 )
-@respx.mock
 async def test_ihuyi_http_failures(
-    answer: httpx.Response, expected: type[DeliveryError], says: str, ihuyi: Channel
+    respx_mock: respx.MockRouter,
+    answer: httpx.Response,
+    expected: type[DeliveryError],
+    says: str,
+    ihuyi: Channel,
 ) -> None:
-    respx.post(IHUYI_URL).mock(return_value=answer)
+    respx_mock.post(IHUYI_URL).mock(return_value=answer)
 
     with pytest.raises(expected, match=says) as caught:
         await ihuyi.send(sms("+8613800138000"))
@@ -245,14 +255,14 @@ async def test_ihuyi_http_failures(
         (httpx.RemoteProtocolError("server disconnected"), DeliveryConnectionError),
     ],
 )
-@respx.mock
 async def test_transport_failures_are_transient_and_keep_the_key_secret(
+    respx_mock: respx.MockRouter,
     failure: Exception,
     expected: type[DeliveryError],
     ihuyi: Channel,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    respx.post(IHUYI_URL).mock(side_effect=failure)
+    respx_mock.post(IHUYI_URL).mock(side_effect=failure)
 
     with (
         caplog.at_level(logging.DEBUG),
@@ -263,11 +273,10 @@ async def test_transport_failures_are_transient_and_keep_the_key_secret(
     assert_no_secret(caught.value, caplog)
 
 
-@respx.mock
 async def test_ihuyi_error_answers_keep_the_key_secret(
-    ihuyi: Channel, caplog: pytest.LogCaptureFixture
+    respx_mock: respx.MockRouter, ihuyi: Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(405, "APIID或APIKEY不正确"))
+    respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(405, "APIID或APIKEY不正确"))
 
     with caplog.at_level(logging.DEBUG), pytest.raises(DeliveryError, match="code 405") as caught:
         await ihuyi.send(sms("+8613800138000"))
@@ -279,8 +288,9 @@ async def test_ihuyi_error_answers_keep_the_key_secret(
 # Several numbers
 
 
-@respx.mock
-async def test_each_number_once_and_partial_failure_names_the_delivered(ihuyi: Channel) -> None:
+async def test_each_number_once_and_partial_failure_names_the_delivered(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         mobile = dict(httpx.QueryParams(request.content.decode()))["mobile"]
         return {
@@ -289,7 +299,7 @@ async def test_each_number_once_and_partial_failure_names_the_delivered(ihuyi: C
             "13700137000": ihuyi_answer(406, "手机格式不正确"),
         }[mobile]
 
-    route = respx.post(IHUYI_URL).mock(side_effect=answer)
+    route = respx_mock.post(IHUYI_URL).mock(side_effect=answer)
 
     with pytest.raises(TransientDeliveryError, match="2 of 3 numbers failed") as caught:
         await ihuyi.send(sms("+8613800138000", "+8613900139000", "+8613700137000"))
@@ -300,9 +310,10 @@ async def test_each_number_once_and_partial_failure_names_the_delivered(ihuyi: C
     assert "+8613700137000: ihuyi: code 406" in caught.value.message
 
 
-@respx.mock
-async def test_only_permanent_failures_fail_for_good(ihuyi: Channel) -> None:
-    respx.post(IHUYI_URL).mock(
+async def test_only_permanent_failures_fail_for_good(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
+    respx_mock.post(IHUYI_URL).mock(
         side_effect=[ihuyi_answer(2, smsid="1"), ihuyi_answer(4030, "黑名单")]
     )
 
@@ -312,9 +323,12 @@ async def test_only_permanent_failures_fail_for_good(ihuyi: Channel) -> None:
     assert list(caught.value.delivered.values()) == ["1"]
 
 
-@respx.mock
-async def test_all_numbers_delivered_is_a_receipt(ihuyi: Channel) -> None:
-    respx.post(IHUYI_URL).mock(side_effect=[ihuyi_answer(2, smsid="1"), ihuyi_answer(2, smsid="2")])
+async def test_all_numbers_delivered_is_a_receipt(
+    respx_mock: respx.MockRouter, ihuyi: Channel
+) -> None:
+    respx_mock.post(IHUYI_URL).mock(
+        side_effect=[ihuyi_answer(2, smsid="1"), ihuyi_answer(2, smsid="2")]
+    )
 
     receipt = await ihuyi.send(sms("13800138000", "13900139000"))
 
@@ -327,9 +341,10 @@ async def test_all_numbers_delivered_is_a_receipt(ihuyi: Channel) -> None:
 @pytest.mark.parametrize(
     ("sender", "field"), [("+15005550006", "From"), ("MG0123456789abcdef", "MessagingServiceSid")]
 )
-@respx.mock
-async def test_twilio_posts_with_basic_auth(sender: str, field: str) -> None:
-    route = respx.post(TWILIO_URL).mock(
+async def test_twilio_posts_with_basic_auth(
+    respx_mock: respx.MockRouter, sender: str, field: str
+) -> None:
+    route = respx_mock.post(TWILIO_URL).mock(
         return_value=httpx.Response(201, json={"sid": "SM42", "status": "queued"})
     )
     channel = create_channel(sms_settings("twilio", sms_from=sender))
@@ -388,11 +403,14 @@ async def test_twilio_posts_with_basic_auth(sender: str, field: str) -> None:
         (httpx.Response(429, headers={"Retry-After": "5"}), RecipientThrottled, "HTTP 429", 5.0),
     ],
 )
-@respx.mock
 async def test_twilio_failures(
-    answer: httpx.Response, expected: type[DeliveryError], says: str, wait: float | None
+    respx_mock: respx.MockRouter,
+    answer: httpx.Response,
+    expected: type[DeliveryError],
+    says: str,
+    wait: float | None,
 ) -> None:
-    respx.post(TWILIO_URL).mock(return_value=answer)
+    respx_mock.post(TWILIO_URL).mock(return_value=answer)
     channel = create_channel(sms_settings("twilio"))
 
     with pytest.raises(expected, match=says.replace("(", r"\(")) as caught:
@@ -403,9 +421,10 @@ async def test_twilio_failures(
     assert caught.value.retry_after == wait
 
 
-@respx.mock
-async def test_twilio_success_without_a_readable_sid_is_still_a_success() -> None:
-    respx.post(TWILIO_URL).mock(return_value=httpx.Response(201, text="Created"))
+async def test_twilio_success_without_a_readable_sid_is_still_a_success(
+    respx_mock: respx.MockRouter,
+) -> None:
+    respx_mock.post(TWILIO_URL).mock(return_value=httpx.Response(201, text="Created"))
     channel = create_channel(sms_settings("twilio"))
 
     receipt = await channel.send(sms("+14155550101"))
@@ -417,9 +436,8 @@ async def test_twilio_success_without_a_readable_sid_is_still_a_success() -> Non
 # Webhook
 
 
-@respx.mock
-async def test_webhook_signs_the_raw_body() -> None:
-    route = respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(202))
+async def test_webhook_signs_the_raw_body(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.post(WEBHOOK_URL).mock(return_value=httpx.Response(202))
     channel = create_channel(sms_settings("webhook"))
 
     receipt = await channel.send(sms("+8613800138000"))
@@ -437,9 +455,8 @@ async def test_webhook_signs_the_raw_body() -> None:
     assert receipt.provider_ids == {"+8613800138000": None}
 
 
-@respx.mock
-async def test_webhook_without_secret_sends_no_signature() -> None:
-    route = respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(200))
+async def test_webhook_without_secret_sends_no_signature(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.post(WEBHOOK_URL).mock(return_value=httpx.Response(200))
     channel = create_channel(sms_settings("webhook", sms_api_key=None))
 
     await channel.send(sms("+8613800138000"))
@@ -460,9 +477,10 @@ async def test_webhook_without_secret_sends_no_signature() -> None:
         (422, PermanentDeliveryError),
     ],
 )
-@respx.mock
-async def test_webhook_statuses(status: int, expected: type[DeliveryError]) -> None:
-    respx.post(WEBHOOK_URL).mock(return_value=httpx.Response(status))
+async def test_webhook_statuses(
+    respx_mock: respx.MockRouter, status: int, expected: type[DeliveryError]
+) -> None:
+    respx_mock.post(WEBHOOK_URL).mock(return_value=httpx.Response(status))
     channel = create_channel(sms_settings("webhook"))
 
     with pytest.raises(expected, match=f"webhook: HTTP {status}") as caught:
@@ -551,6 +569,41 @@ async def test_webhook_against_a_local_gateway(http_sink: HTTPSink) -> None:
     expected = hmac.new(API_KEY.encode(), body, hashlib.sha256).hexdigest()
     assert requests[-1].headers["x-notifier-signature"] == f"sha256={expected}"
     assert json.loads(body)["to"] == "+14155550101"
+
+
+async def test_a_post_dropped_on_a_kept_alive_connection_is_lost_not_resent(
+    http_sink: HTTPSink,
+) -> None:
+    http_sink.respond_with(ihuyi_gateway())
+    http_sink.answer(Reply(body={"code": 2, "msg": "ok", "smsid": "1"}), DROP)
+    url = http_sink.url + "/webservice/sms.php?method=Submit"
+    channel = create_channel(sms_settings("ihuyi", sms_url=url))
+
+    await channel.send(sms("+8613800138000"))
+    with pytest.raises(DeliveryConnectionError, match=r"cannot reach 127\.0\.0\.1"):
+        await channel.send(sms("+8613800138000"))
+    third = await channel.send(sms("+8613800138000"))
+    await channel.aclose()
+
+    assert len(http_sink.wait_for_requests(3)) == 3  # the dropped one arrived once, not twice
+    assert third.provider_ids == {"+8613800138000": "0000000000000001"}
+
+
+async def test_a_refused_connection_and_a_silent_gateway_are_told_apart() -> None:
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # accepted by the kernel, never answered
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        urls = [f"http://127.0.0.1:{s.getsockname()[1]}/sms" for s in (closed, silent)]
+        refused, waiting = (
+            create_channel(sms_settings("webhook", sms_url=url, sms_timeout=0.5)) for url in urls
+        )
+        with pytest.raises(DeliveryConnectionError, match=r"cannot reach 127\.0\.0\.1"):
+            await refused.send(sms("+14155550101"))
+        with pytest.raises(DeliveryTimeout, match=r"timed out talking to 127\.0\.0\.1"):
+            await waiting.send(sms("+14155550101"))
+        await refused.aclose()
+        await waiting.aclose()
 
 
 # Several providers: settings, failover, circuits
@@ -691,15 +744,17 @@ def failover_channel(clock: Clock, failures: int = 2) -> SMSChannel:
     circuits = [
         CircuitBreaker(p.name, failures=failures, open_seconds=30, clock=clock) for p in providers
     ]
-    return SMSChannel(providers, [httpx.AsyncClient()], circuits=circuits)
+    clients = [httpx.AsyncClient() for _ in providers]
+    return SMSChannel(providers, clients, circuits=circuits)
 
 
-@respx.mock
-async def test_the_circuit_opens_lets_a_probe_through_and_closes() -> None:
+async def test_the_circuit_opens_lets_a_probe_through_and_closes(
+    respx_mock: respx.MockRouter,
+) -> None:
     clock = Clock()
     channel = failover_channel(clock, failures=2)
-    ihuyi = respx.post(IHUYI_URL).mock(return_value=httpx.Response(503))
-    twilio = respx.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM1"}))
+    ihuyi = respx_mock.post(IHUYI_URL).mock(return_value=httpx.Response(503))
+    twilio = respx_mock.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM1"}))
 
     for _ in range(3):
         receipt = await channel.send(sms("+8613800138000"))
@@ -724,13 +779,12 @@ async def test_the_circuit_opens_lets_a_probe_through_and_closes() -> None:
         (ihuyi_answer(4081, "同一手机号码1分钟内超过限制"), RecipientThrottled),
     ],
 )
-@respx.mock
 async def test_no_failover_when_the_number_or_message_is_the_problem(
-    answer: httpx.Response, expected: type[DeliveryError]
+    respx_mock: respx.MockRouter, answer: httpx.Response, expected: type[DeliveryError]
 ) -> None:
     channel = failover_channel(Clock())
-    respx.post(IHUYI_URL).mock(return_value=answer)
-    twilio = respx.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM1"}))
+    respx_mock.post(IHUYI_URL).mock(return_value=answer)
+    twilio = respx_mock.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM1"}))
 
     with pytest.raises(expected) as caught:
         await channel.send(sms("+8613800138000"))
@@ -744,12 +798,13 @@ async def test_no_failover_when_the_number_or_message_is_the_problem(
         assert throttled(caught.value) == {"+8613800138000": 60.0}
 
 
-@respx.mock
-async def test_when_every_provider_is_down_the_error_is_transient() -> None:
+async def test_when_every_provider_is_down_the_error_is_transient(
+    respx_mock: respx.MockRouter,
+) -> None:
     clock = Clock()
     channel = failover_channel(clock, failures=1)
-    ihuyi = respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(4051, "余额不足"))
-    twilio = respx.post(TWILIO_URL).mock(return_value=httpx.Response(502))
+    ihuyi = respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(4051, "余额不足"))
+    twilio = respx_mock.post(TWILIO_URL).mock(return_value=httpx.Response(502))
 
     with pytest.raises(TransientDeliveryError, match="no SMS provider took it") as first:
         await channel.send(sms("+8613800138000"))
@@ -764,11 +819,12 @@ async def test_when_every_provider_is_down_the_error_is_transient() -> None:
     assert (ihuyi.call_count, twilio.call_count) == (1, 1)
 
 
-@respx.mock
-async def test_numbers_a_provider_cannot_serve_go_to_the_next_and_results_name_providers() -> None:
+async def test_numbers_a_provider_cannot_serve_go_to_the_next_and_results_name_providers(
+    respx_mock: respx.MockRouter,
+) -> None:
     channel = failover_channel(Clock())
-    respx.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, smsid="cn1"))
-    respx.post(TWILIO_URL).mock(
+    respx_mock.post(IHUYI_URL).mock(return_value=ihuyi_answer(2, smsid="cn1"))
+    respx_mock.post(TWILIO_URL).mock(
         side_effect=lambda request: (
             httpx.Response(201, json={"sid": "SMus"})
             if b"%2B14155550101" in request.content
@@ -787,9 +843,10 @@ async def test_numbers_a_provider_cannot_serve_go_to_the_next_and_results_name_p
     assert isinstance(caught.value.failed["+14155550199"], RecipientRejected)
 
 
-@respx.mock
-async def test_twilio_asks_for_status_callbacks_at_the_public_receipts_url() -> None:
-    route = respx.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM9"}))
+async def test_twilio_asks_for_status_callbacks_at_the_public_receipts_url(
+    respx_mock: respx.MockRouter,
+) -> None:
+    route = respx_mock.post(TWILIO_URL).mock(return_value=httpx.Response(201, json={"sid": "SM9"}))
     public = "https://notify.example.com/notifier/"
     channel = create_channel(sms_settings("twilio", receipts_public_url=public))
 

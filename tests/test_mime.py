@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import json
+import re
+from collections.abc import Callable
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from notifier.channels.mime import HeaderInjection, build_email, envelope, envelope_recipients
+from notifier.channels import mime
+from notifier.channels.mime import (
+    POLICY,
+    HeaderInjection,
+    build_email,
+    envelope,
+    envelope_recipients,
+)
 from notifier.channels.outbox import OutboxChannel
 from notifier.models import Message
 
@@ -123,6 +136,39 @@ async def test_outbox_writes_what_smtp_sends(tmp_path: Path) -> None:
     assert comparable(written) == comparable(bytes(build_email(message, SENDER)))
 
 
+@pytest.mark.parametrize("kind", ["email", "sms"])
+async def test_the_outbox_writes_messages_sent_together_in_one_thread_hop(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[object] = []
+    real = asyncio.to_thread
+
+    async def counted(function: Callable[..., Any], *args: Any) -> Any:
+        hops.append(function)
+        return await real(function, *args)
+
+    monkeypatch.setattr("notifier.channels.outbox.asyncio.to_thread", counted)
+    outbox = OutboxChannel(tmp_path, kind=kind, sender=SENDER)
+    jobs = [
+        chinese_message(id=f"job{n}", channel=kind, to=(f"+86138{n:08d}",) if kind == "sms" else ())
+        for n in range(20)
+    ]
+
+    await asyncio.gather(*(outbox.send(job) for job in jobs))
+    await outbox.aclose()
+
+    assert len(hops) < len(jobs)
+    if kind == "email":
+        assert sorted(p.name for p in (tmp_path / "email").iterdir()) == sorted(
+            f"job{n}.eml" for n in range(20)
+        )
+    else:
+        lines = (tmp_path / "sms.jsonl").read_text().splitlines()
+        assert sorted(json.loads(line)["id"] for line in lines) == sorted(
+            f"job{n}" for n in range(20)
+        )
+
+
 def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:
     message = Message(
         id="j1",
@@ -137,3 +183,21 @@ def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:
     assert envelope_recipients(message) == ["a@example.com", "c@example.com"]
     mail = build_email(message, "notifier@example.com")
     assert "b@example.com" in str(mail["To"]), "headers stay as first sent"
+
+
+def test_header_classes_are_made_once_and_the_bytes_stay_the_stock_policys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = chinese_message(cc=("李四 <li.si@example.com>",), html=None)  # no random boundary
+    ours = bytes(build_email(job, SENDER))
+    monkeypatch.setattr(mime, "POLICY", email.policy.SMTP.clone(cte_type="7bit"))
+    stock = bytes(build_email(job, SENDER))
+
+    def undated(data: bytes) -> bytes:
+        return re.sub(rb"\r\nDate: [^\r]*", b"", data)
+
+    assert undated(ours) == undated(stock)
+    stock_factory, our_factory = mime.POLICY.header_factory, POLICY.header_factory
+    assert isinstance(stock_factory, HeaderRegistry) and isinstance(our_factory, HeaderRegistry)
+    assert stock_factory["Subject"] is not stock_factory["subject"]  # a new class each time
+    assert our_factory["Subject"] is our_factory["subject"]

@@ -34,6 +34,12 @@ accepted ones, then
   ``Receipt`` whose ``provider_ids`` hold only the accepted recipients (a recipient missing
   from it was refused) and logs a warning naming each refused recipient and the reply.
 
+The message is built once per job: bytes kept from an attempt that failed transiently are
+sent again by the retry (``_Built``), so a retry costs no email-package work and carries the
+same ``Date``. At most ``BUILT_KEPT`` messages and ``BUILT_KEPT_BYTES`` are kept, the oldest
+let go first; a job whose bytes were let go (or that another instance retries) is built
+again, differing only in ``Date``.
+
 Recipients are keyed as the job spells them (``"张三 <z@example.com>"``), see
 ``mime.envelope``. The ``Receipt.provider_message_id`` is the server's reply to DATA
 ("2.0.0 Ok: queued as 4F2A1C"), the handle to look a message up in the server's logs.
@@ -165,6 +171,30 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
 #: Times a delivery waits for another slot when a new session is refused with a 4xx while
 #: the relay serves others ("421 too many connections"), before it counts as the relay down.
 BUSY_RETRIES = 3
+
+#: How many built messages, and bytes, are kept for retries (see the module docstring).
+BUILT_KEPT = 1024
+BUILT_KEPT_BYTES = 32 * 1024 * 1024
+
+
+class _Built:
+    """Messages of jobs waiting for a retry, by job id, bounded (oldest let go first)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, bytes] = {}
+        self._bytes = 0
+
+    def take(self, job_id: str) -> bytes | None:
+        data = self._kept.pop(job_id, None)
+        self._bytes -= len(data or b"")
+        return data
+
+    def keep(self, job_id: str, data: bytes) -> None:
+        self._kept[job_id] = data
+        self._bytes += len(data)
+        while len(self._kept) > BUILT_KEPT or self._bytes > BUILT_KEPT_BYTES:
+            self.take(next(iter(self._kept)))
+
 
 #: The floor of each relay's session window (Postfix starts a destination at 2 sessions).
 WINDOW_FLOOR = 2
@@ -396,6 +426,7 @@ class SMTPChannel(Channel):
                     f"NOTIFIER_SMTP_FALLBACK_HOST: {fallback.name} is the primary relay itself"
                 )
             self._relays.append(fallback)
+        self._built = _Built()
 
     @property
     def circuits(self) -> list[CircuitBreaker]:
@@ -408,6 +439,16 @@ class SMTPChannel(Channel):
 
     async def send(self, message: Message) -> Receipt:
         data, recipients = self._prepare(message)
+        try:
+            return await self._transactions(message, data, recipients)
+        except DeliveryError as exc:
+            if exc.transient:
+                self._built.keep(message.id, data)
+            raise
+
+    async def _transactions(
+        self, message: Message, data: bytes, recipients: dict[str, str]
+    ) -> Receipt:
         sent = _Sent(recipients)
         for batch in _batches(recipients, self._max_recipients):
             try:
@@ -425,7 +466,7 @@ class SMTPChannel(Channel):
 
     def _prepare(self, message: Message) -> tuple[bytes, dict[str, str]]:
         try:
-            data = bytes(build_email(message, self._sender))
+            data = self._built.take(message.id) or bytes(build_email(message, self._sender))
             recipients = envelope(message)
         except ValueError as exc:
             raise PermanentDeliveryError(f"smtp: cannot build the message: {exc}") from exc

@@ -14,14 +14,35 @@ from __future__ import annotations
 
 import email.policy
 import functools
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses
 
 from notifier.models import Message
 
+
+class _MadeOnce(HeaderRegistry):
+    """The email package's header classes, each made once per name.
+
+    ``HeaderRegistry`` makes a new class (``type(...)``) for every header it parses, the
+    largest single cost of building a message (bench/README.md, "Cost per job"); the class
+    depends only on the header's name, so one per name is the same thing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
 #: 7-bit clean, CRLF: the bytes do not depend on the server's 8BITMIME support.
-POLICY = email.policy.SMTP.clone(cte_type="7bit")
+POLICY = email.policy.SMTP.clone(cte_type="7bit", header_factory=_MadeOnce())
 
 
 class HeaderInjection(ValueError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker
 from notifier.channels.outbox import OutboxChannel
-from notifier.channels.sms.base import ProviderConfig, SMSChannel, SMSProvider, new_http_clients
+from notifier.channels.sms.base import ProviderConfig, SMSChannel, SMSProvider, new_http_client
 from notifier.channels.sms.ihuyi import IhuyiProvider
 from notifier.channels.sms.twilio import TwilioProvider
 from notifier.channels.sms.webhook import WebhookProvider
@@ -42,4 +42,5 @@ def create_channel(settings: Settings) -> Channel:
         )
         for provider in providers
     ]
-    return SMSChannel(providers, new_http_clients(settings), circuits=circuits)
+    clients = [new_http_client(settings) for _ in providers]
+    return SMSChannel(providers, clients, circuits=circuits)

@@ -1,9 +1,10 @@
 """What every SMS provider shares: the provider interface, HTTP failure rules, fan-out, failover.
 
 A provider turns one (message, number) into one HTTP request and reads the answer; the
-``SMSChannel`` sends to each number of a job once, through shared ``httpx.AsyncClient``s
+``SMSChannel`` sends to each number of a job once, through its provider's ``httpx.AsyncClient``
 (keep-alive, ``NOTIFIER_SMS_TIMEOUT``), and folds the per-number results into a ``Receipt``
-or one ``DeliveryError`` whose ``delivered`` names the numbers that did get the message.
+or one ``DeliveryError`` whose ``delivered`` names the numbers that did get the message. Each
+provider has one client (``new_http_client``) on aiohttp's transport (``transport``).
 
 Several providers (``NOTIFIER_SMS_PROVIDER=ihuyi,twilio``) are tried in order, each behind
 its own circuit breaker (``notifier.channels.circuit``): a transient failure or a
@@ -31,6 +32,7 @@ from pydantic import SecretStr
 
 from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker
+from notifier.channels.sms.transport import GatewayTransport
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
@@ -127,7 +129,7 @@ def http_error(
 
 
 async def post(
-    client: httpx.AsyncClient, provider: str, url: str, **request: Any
+    client: httpx.AsyncClient, provider: str, url: httpx.URL | str, **request: Any
 ) -> httpx.Response:
     """POST, with transport failures translated; the messages name the host, not the request."""
     try:
@@ -142,36 +144,31 @@ async def post(
         ) from exc
 
 
-def _host(url: str) -> str:
-    return httpx.URL(url).host or url
+def _host(url: httpx.URL | str) -> str:
+    return httpx.URL(url).host or str(url)
 
 
-#: Connections per httpx client. httpcore scans its whole pool on every request, so one
-#: large pool gets slower as concurrency grows (bench/README.md); several small ones don't.
-CONNECTIONS_PER_CLIENT = 8
-
-
-def new_http_clients(settings: Settings) -> list[httpx.AsyncClient]:
-    """The clients SMS requests share in turn: keep-alive pools, timeouts, no redirects."""
-    count = -(-settings.sms_concurrency // CONNECTIONS_PER_CLIENT)
-    size = -(-settings.sms_concurrency // count)
-    return [
-        httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.sms_timeout),
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-            headers={"User-Agent": "notifier"},
-            follow_redirects=False,
-        )
-        for _ in range(count)
-    ]
+def new_http_client(settings: Settings) -> httpx.AsyncClient:
+    """One provider's client: up to ``NOTIFIER_SMS_CONCURRENCY`` keep-alive connections on
+    aiohttp's connector (``transport``), timeouts, no redirects."""
+    size = settings.sms_concurrency
+    return httpx.AsyncClient(
+        transport=GatewayTransport(
+            httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        ),
+        timeout=httpx.Timeout(settings.sms_timeout),
+        headers={"User-Agent": "notifier"},
+        follow_redirects=False,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A provider and the circuit that says whether to try it now."""
+    """A provider, the circuit that says whether to try it now, and its HTTP client."""
 
     provider: SMSProvider
     circuit: CircuitBreaker
+    client: httpx.AsyncClient
 
 
 #: What one number came to: (provider name, provider id), or the error.
@@ -186,13 +183,14 @@ class SMSChannel(Channel):
         *,
         circuits: Sequence[CircuitBreaker] | None = None,
     ) -> None:
+        """``clients``: one per provider, in the same order."""
         if not providers:
             raise ValueError("an SMS channel needs at least one provider")
         circuits = circuits or [CircuitBreaker(p.name) for p in providers]
         self.provider = ",".join(p.name for p in providers)
-        self._routes = [Route(p, c) for p, c in zip(providers, circuits, strict=True)]
-        self._clients = list(clients)
-        self._busy = [0] * len(self._clients)
+        self._routes = [
+            Route(p, c, h) for p, c, h in zip(providers, circuits, clients, strict=True)
+        ]
         limits = [p.max_text_length for p in providers if p.max_text_length is not None]
         #: The longest text every provider takes (failover must not meet a refusal).
         self.max_text_length: int | None = min(limits, default=None)
@@ -227,8 +225,8 @@ class SMSChannel(Channel):
         raise _combined(failed, delivered, providers, total=len(numbers))
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        for route in self._routes:
+            await route.client.aclose()
 
     async def _one(self, message: Message, number: str) -> Sent | DeliveryError:
         """The number through the first provider that takes it (see the module docstring)."""
@@ -241,7 +239,9 @@ class SMSChannel(Channel):
             if not route.circuit.allow():
                 continue
             try:
-                provider_id = await self._send_via(route.provider, message, number)
+                provider_id = await route.provider.send_one(
+                    route.client, message.text or "", number, message.id
+                )
             except ProviderRejected as exc:
                 route.circuit.trip(exc.message)
                 errors.append(exc)
@@ -255,16 +255,6 @@ class SMSChannel(Channel):
                 route.circuit.succeeded()
                 return route.provider.name, provider_id
         return _unavailable(errors, routes)
-
-    async def _send_via(self, provider: SMSProvider, message: Message, number: str) -> str | None:
-        turn = self._busy.index(min(self._busy))  # the least busy pool: none waits needlessly
-        self._busy[turn] += 1
-        try:
-            return await provider.send_one(
-                self._clients[turn], message.text or "", number, message.id
-            )
-        finally:
-            self._busy[turn] -= 1
 
 
 def _unavailable(errors: list[DeliveryError], routes: list[Route]) -> DeliveryError:

@@ -80,9 +80,9 @@ class TwilioProvider(SMSProvider):
         sender: str,
         status_callback: str | None = None,
     ) -> None:
-        self.url = f"{base.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
+        self.url = httpx.URL(f"{base.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json")
         self.account_sid = account_sid
-        self._token = token
+        self._auth = httpx.BasicAuth(account_sid, token.get_secret_value())
         self.sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
         self.sender = sender
         self.status_callback = status_callback
@@ -104,8 +104,7 @@ class TwilioProvider(SMSProvider):
         form = {"To": number, "Body": text, self.sender_field: self.sender}
         if self.status_callback is not None:
             form["StatusCallback"] = self.status_callback
-        auth = (self.account_sid, self._token.get_secret_value())
-        response = await post(client, self.name, self.url, data=form, auth=auth)
+        response = await post(client, self.name, self.url, data=form, auth=self._auth)
         if not response.is_success:
             raise twilio_error(response, number)
         try:

@@ -24,8 +24,8 @@ class WebhookProvider(SMSProvider):
     name = "webhook"
 
     def __init__(self, *, url: str, secret: SecretStr | None, sender: str | None) -> None:
-        self.url = url
-        self._secret = secret
+        self.url = httpx.URL(url)
+        self._key = secret.get_secret_value().encode() if secret is not None else None
         self.sender = sender
 
     @classmethod
@@ -40,8 +40,8 @@ class WebhookProvider(SMSProvider):
         payload = {"id": job_id, "to": number, "text": text, "from": self.sender}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
-        if self._secret is not None:
-            headers[SIGNATURE_HEADER] = sign(self._secret.get_secret_value().encode(), body)
+        if self._key is not None:
+            headers[SIGNATURE_HEADER] = sign(self._key, body)
         response = await post(client, self.name, self.url, content=body, headers=headers)
         if not response.is_success:
             raise http_error(self.name, response, number)

@@ -103,6 +103,8 @@ class Dispatcher:
         #: without NOTIFIER_SMS_RECIPIENT_LIMITS.
         self._holding_until = datetime.min.replace(tzinfo=UTC)
         self._stopping = asyncio.Event()
+        #: Set when shutdown's grace has run out: outcome records stop riding out an outage.
+        self._abandoning = asyncio.Event()
         self._lanes_stopped = asyncio.Event()
         self._lanes_stopped.set()
         store.on_work(self.wake)
@@ -130,7 +132,16 @@ class Dispatcher:
         self._lanes_stopped.set()
 
     async def stop(self, grace: float) -> None:
-        """Stop claiming; let deliveries finish within ``grace`` seconds, release the rest."""
+        """Stop claiming; let deliveries finish and their outcomes be recorded within
+        ``grace`` seconds, release the rest.
+
+        An outcome the store cannot take by then (disk full, database down) is given up:
+        its job stays leased to this instance and is claimed again after the next start, or
+        by another instance once this one's heartbeat stops. So a delivery made is never
+        marked undone, at worst made again (at least once), and shutdown never outlasts
+        the grace because the store is down.
+        """
+        deadline = asyncio.get_running_loop().time() + grace
         self._stopping.set()
         self.wake()
         await self._lanes_stopped.wait()
@@ -142,6 +153,10 @@ class Dispatcher:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._recorder.drain(), remaining)
+        self._abandoning.set()
         await self._recorder.drain()
 
     async def _run_lane(self, lane: _Lane, *, burst: bool) -> None:
@@ -358,12 +373,16 @@ class Dispatcher:
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
 
     async def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        """Save outcomes, riding out a store outage for a while: a delivery that happened must
-        not be forgotten (if it is, the job is sent again after recovery: at least once)."""
+        """Save outcomes, riding out a store outage for half a lease, or until shutdown's grace
+        runs out: a delivery that happened must not be forgotten (if it is, the job is sent
+        again after recovery: at least once)."""
+        outlasted = tenacity.stop_after_delay(self.settings.lease_seconds / 2)
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(StoreUnavailable),
             wait=tenacity.wait_exponential(multiplier=0.1, max=5),
-            stop=tenacity.stop_after_delay(self.settings.lease_seconds / 2),
+            stop=lambda state: outlasted(state) or self._abandoning.is_set(),
+            sleep=self._pause,
+            before_sleep=_outage_noticed,
             reraise=True,
         )
         applied: list[bool] = await retrying(self.store.record, self.owner, outcomes)
@@ -374,6 +393,11 @@ class Dispatcher:
                     outcome.job_id,
                 )
         return applied
+
+    async def _pause(self, seconds: float) -> None:
+        """tenacity's sleep between record attempts, cut short when shutdown gives up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._abandoning.wait(), seconds)
 
     async def _release(self, *jobs: Job) -> None:
         try:
@@ -394,6 +418,15 @@ class Dispatcher:
                         await self.store.extend_leases(self.owner, ids, self.settings.lease_seconds)
                     except StoreUnavailable as exc:
                         log.warning("extending leases: store unavailable: %s", exc)
+
+
+def _outage_noticed(state: tenacity.RetryCallState) -> None:
+    """Say once per batch that outcomes wait on the store, not at every attempt."""
+    if state.attempt_number == 1 and state.outcome is not None:
+        log.warning(
+            "recording outcomes: store unavailable (%s); retrying until it is back",
+            state.outcome.exception(),
+        )
 
 
 def _nobody_left(job: Job) -> Outcome:

@@ -80,7 +80,8 @@ class Store(ABC):
 
     @abstractmethod
     async def ping(self) -> None:
-        """Return if the store answers; raise StoreUnavailable otherwise."""
+        """Return if the store answers and can commit a write (readiness: a full disk still
+        answers reads); raise StoreUnavailable otherwise."""
 
     @abstractmethod
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:

@@ -270,7 +270,9 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def ping(self) -> None:
-        await self._run("SELECT 1")
+        # A committed write (the header's version, unchanged): reads still work on a full
+        # disk, so only a write says whether jobs can be stored.
+        await self._run(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         now = time.time()

@@ -201,8 +201,10 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"postgresql: {exc}") from exc
 
     async def ping(self) -> None:
+        # Taking a transaction id commits a WAL record: a read-only server (a standby, a
+        # full disk) refuses it where it would still answer a plain read.
         async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
+            await conn.fetchval("SELECT txid_current()")
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.support.http_sink import HTTPSink, Recorded, Reply
 from tests.support.server import LineConnection, ServerProcess, free_port, running_server
 from tests.support.tmpfs import SmallDisk
 from tests.support.waiting import wait_for
+from tests.test_multi_instance import Start, start_instances  # noqa: F401 - a fixture
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
 
@@ -134,3 +136,87 @@ async def test_sigterm_on_a_full_disk_exits_within_the_grace_and_the_job_is_redo
         await conn.close()
     finally:
         server.stop()
+
+
+# -- PostgreSQL: takeover by liveness ----------------------------------------------------------
+
+
+class Gateway:
+    """A webhook SMS gateway that answers the other senders at once and holds the requests
+    of ``held_sender`` until ``release`` is set (or ``hold`` seconds have passed)."""
+
+    def __init__(self, sink: HTTPSink, held_sender: str, *, hold: float = 60) -> None:
+        self.sink = sink
+        self.held_sender = held_sender
+        self.hold = hold
+        self.release = threading.Event()
+        sink.respond_with(self)
+
+    def __call__(self, request: Recorded) -> Reply:
+        if request.json()["from"] == self.held_sender:
+            self.release.wait(self.hold)
+        return Reply(200)
+
+    def senders(self, job_id: str) -> list[str]:
+        return [r.json()["from"] for r in list(self.sink.requests) if r.json()["id"] == job_id]
+
+    def env(self, sender: str) -> dict[str, str]:
+        return {
+            "NOTIFIER_SMS_PROVIDER": "webhook",
+            "NOTIFIER_SMS_URL": self.sink.url,
+            "NOTIFIER_SMS_FROM": sender,
+            "NOTIFIER_SMS_TIMEOUT": "120",
+            "NOTIFIER_DELIVERY_TIMEOUT": "120",
+        }
+
+
+async def _send_sms(instance: ServerProcess, count: int) -> list[str]:
+    conn = await LineConnection.open(instance.port)
+    try:
+        return [(await conn.request(SMS))["id"] for _ in range(count)]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_a_killed_instances_deliveries_are_taken_over_within_5s(
+    start_instances: Start,  # noqa: F811 - the fixture imported above
+    http_sink: HTTPSink,
+) -> None:
+    gateway = Gateway(http_sink, held_sender="victim")
+    try:
+        (victim,) = start_instances(1, **gateway.env("victim"))
+        ids = await _send_sms(victim, 5)
+        await wait_for(
+            lambda: all(gateway.senders(job_id) for job_id in ids), what="the victim's claims"
+        )
+        start_instances(1, **gateway.env("survivor"))
+        victim.kill()
+        await wait_for(
+            lambda: all("survivor" in gateway.senders(job_id) for job_id in ids),
+            timeout=5,
+            what="the killed instance's deliveries made by the survivor",
+        )
+    finally:
+        gateway.release.set()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+async def test_a_20s_delivery_on_a_live_instance_is_not_taken_over(
+    start_instances: Start,  # noqa: F811 - the fixture imported above
+    http_sink: HTTPSink,
+) -> None:
+    gateway = Gateway(http_sink, held_sender="slow", hold=20)
+    (slow,) = start_instances(1, **gateway.env("slow"))
+    (job_id,) = await _send_sms(slow, 1)
+    await wait_for(lambda: gateway.senders(job_id), what="the slow delivery under way")
+    (other,) = start_instances(1, **gateway.env("other"))
+    conn = await LineConnection.open(other.port)
+
+    async def delivered() -> bool:
+        return (await conn.status(job_id))["status"] == "delivered"
+
+    await wait_for(delivered, timeout=60, what="the slow delivery to finish")
+    await conn.close()
+    assert gateway.senders(job_id) == ["slow"]

@@ -432,21 +432,25 @@ class PostgresStore(Store):
         return count
 
     async def _keep_alive(self) -> None:
-        healthy = True
+        """Heartbeat and reap every ``heartbeat_interval``. After an outage nobody could
+        heartbeat through, every instance looks dead for a moment: reaping waits until the
+        others had ``instance_dead_after`` to beat again, so none is reaped for the outage."""
+        loop = asyncio.get_running_loop()
+        reachable_since: float | None = loop.time()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 if self._owner is not None:
                     await self._heartbeat(self._owner)
-                await self._reap()
-            except StoreUnavailable as exc:
-                if healthy:
-                    log.warning("heartbeat: store unavailable: %s", exc)
-                healthy = False
-            else:
-                if not healthy:
+                if reachable_since is None:
                     log.info("heartbeat: store reachable again")
-                healthy = True
+                    reachable_since = loop.time()
+                if loop.time() - reachable_since >= self.settings.instance_dead_after:
+                    await self._reap()
+            except StoreUnavailable as exc:
+                if reachable_since is not None:
+                    log.warning("heartbeat: store unavailable: %s", exc)
+                reachable_since = None
 
     async def _heartbeat(self, owner: str) -> None:
         async with self._connection() as conn:

@@ -61,6 +61,10 @@ class _Lane:
     metrics: _LaneMetrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: Every job this lane claimed and has not yet recorded or given back.
+    held: set[str] = field(default_factory=set)
+    #: A claim failed: it may have committed without its answer reaching us.
+    claim_lost: bool = False
     aging_share: float = 0.0
     aging_credit: float = 0.0
 
@@ -196,6 +200,8 @@ class Dispatcher:
             return None  # the claim that follows says so in the log
 
     async def _claim(self, lane: _Lane, limit: int) -> int:
+        if lane.claim_lost and not await self._release_unheld(lane):
+            return 0
         try:
             jobs = await self.store.claim(
                 lane.name,
@@ -206,20 +212,38 @@ class Dispatcher:
             )
         except StoreUnavailable as exc:
             log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            lane.claim_lost = True
             return 0
+        lane.held.update(job.id for job in jobs)
         try:
             admitted = await self._paced(lane, jobs)
             suppressed = await self._suppressed(lane, admitted)
         except StoreUnavailable as exc:
             log.warning("claim %s: store unavailable: %s", lane.name, exc)
             await asyncio.shield(self._release(*jobs))
+            lane.held.difference_update(job.id for job in jobs)
             return 0
+        lane.held.difference_update({job.id for job in jobs} - {job.id for job in admitted})
         for job in admitted:
             task = asyncio.create_task(
                 self._deliver(lane, job, suppressed), name=f"deliver-{job.id}"
             )
             lane.in_flight[job.id] = task
         return len(jobs)
+
+    async def _release_unheld(self, lane: _Lane) -> bool:
+        """After a failed claim, give back what it may have claimed unbeknown to us, rather
+        than leave it leased to this live instance until the lease runs out. This lane is
+        the only claimer of its channel for this owner, and holds every job it knows of."""
+        try:
+            count = await self.store.release_unheld(self.owner, lane.name, set(lane.held))
+        except StoreUnavailable as exc:
+            log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            return False
+        lane.claim_lost = False
+        if count:
+            log.warning("claim %s: %d jobs claimed without an answer given back", lane.name, count)
+        return True
 
     async def _paced(self, lane: _Lane, jobs: list[Job]) -> list[Job]:
         """The jobs every recipient of which may get a message now; the others wait (their
@@ -245,6 +269,7 @@ class Dispatcher:
             outcome = await self._attempt(lane.channel, job, suppressed)
         except BaseException:
             await asyncio.shield(self._release(job))
+            lane.held.discard(job.id)
             raise
         finally:
             lane.in_flight.pop(job.id, None)
@@ -261,6 +286,8 @@ class Dispatcher:
                 exc,
             )
             return
+        finally:
+            lane.held.discard(job.id)
         if applied:
             self._observe(lane, job, outcome, elapsed)
 

@@ -7,19 +7,31 @@ readiness saying the truth, recovery without a restart, and shutdown within its 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from notifier.store.postgres import PostgresStore
 from tests.support.http_sink import HTTPSink, Recorded, Reply
-from tests.support.server import LineConnection, ServerProcess, free_port, running_server
+from tests.support.pgproxy import answer_losing_proxy
+from tests.support.postgres import fetchval
+from tests.support.server import (
+    LineConnection,
+    ServerProcess,
+    free_port,
+    isolated_settings,
+    running_server,
+)
 from tests.support.tmpfs import SmallDisk
 from tests.support.waiting import wait_for
 from tests.test_multi_instance import Start, start_instances  # noqa: F401 - a fixture
+from tests.test_store import new_job
 
 SMS = {"channel": "sms", "to": "+14155550101", "text": "code 1234"}
 
@@ -220,3 +232,35 @@ async def test_a_20s_delivery_on_a_live_instance_is_not_taken_over(
     await wait_for(delivered, timeout=60, what="the slow delivery to finish")
     await conn.close()
     assert gateway.senders(job_id) == ["slow"]
+
+
+# -- PostgreSQL: a claim whose answer is lost --------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_a_claim_whose_answer_is_lost_is_delivered_without_waiting_out_the_lease(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The claim commits and its connection dies before the rows arrive: the jobs are leased
+    to a live instance that does not know it has them. They go out at once, each once."""
+    store = PostgresStore.from_settings(isolated_settings(tmp_path, database_url=postgres_url))
+    await store.open()
+    ids = {answer.id for answer in await store.enqueue([new_job() for _ in range(5)])}
+    await store.close()
+    async with (
+        answer_losing_proxy(postgres_url) as proxy,
+        running_server(tmp_path, database_url=proxy.url(postgres_url)) as server,
+    ):
+        await wait_for(lambda: proxy.dropped, what="a claim's answer lost")
+
+        async def delivered() -> bool:
+            done = await fetchval(
+                postgres_url, "SELECT count(*) FROM jobs WHERE status = 'delivered'"
+            )
+            return done == len(ids)
+
+        await wait_for(delivered, timeout=15, what="the lost claim's jobs delivered")
+        lines = (server.outbox / "sms.jsonl").read_text().splitlines()
+    counts = Counter(json.loads(line)["id"] for line in lines)
+    assert set(counts) == ids
+    assert [job for job, n in counts.items() if n != 1] == []

@@ -115,6 +115,12 @@ class Store(ABC):
         """Give jobs back to the queue, due now (shutdown cut their delivery short)."""
 
     @abstractmethod
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        """Give back, due now, the ``channel`` jobs ``owner`` holds but ``held`` does not name:
+        a claim that committed but whose answer was lost (its connection died) left them
+        leased to a live owner that does not know it has them. Returns how many."""
+
+    @abstractmethod
     async def recover(self, *, owner: str) -> int:
         """Requeue work that no live owner holds (leases run out, or a dead predecessor's).
 

@@ -391,6 +391,13 @@ class SQLiteStore(Store):
             reason=sql.INTERRUPTED_BY_SHUTDOWN,
         )
 
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        return await self._requeue(
+            "lease_owner = ? AND channel = ? AND id NOT IN (SELECT value FROM json_each(?))",
+            (owner, channel, json.dumps(list(held))),
+            reason=sql.CLAIM_ANSWER_LOST,
+        )
+
     async def recover(self, *, owner: str) -> int:
         # The file lock proves every other owner is gone; our own leases can only have run out.
         await self._run(

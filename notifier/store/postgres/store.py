@@ -403,6 +403,20 @@ class PostgresStore(Store):
         if count:
             self._notify_work()
 
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        async with self._connection(transaction=True) as conn:
+            count = await self._requeue(
+                conn,
+                "lease_owner = $2 AND channel = $3 AND NOT id = ANY($4)",
+                owner,
+                channel,
+                list(held),
+                reason=sql.CLAIM_ANSWER_LOST,
+            )
+        if count:
+            self._notify_work()
+        return count
+
     @staticmethod
     async def _requeue(conn: AnyConnection, where: str, *params: Any, reason: str) -> int:
         """Put jobs in flight back in the queue, due now, and wake every instance."""

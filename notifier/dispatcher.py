@@ -119,8 +119,23 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Deliver until ``stop`` is called."""
-        await self.store.recover(owner=self.owner)
-        await self._run_lanes(burst=False, keep_leases=True)
+        if await self._recover():
+            await self._run_lanes(burst=False, keep_leases=True)
+
+    async def _recover(self) -> bool:
+        """Take back what dead instances left, before claiming anything; while the store
+        fails (it just opened, but may fail again at once) try again, or the dispatcher would
+        die and the service run on without delivering. False if stopped meanwhile."""
+        while not self._stopping.is_set():
+            try:
+                await self.store.recover(owner=self.owner)
+            except StoreUnavailable as exc:
+                log.warning("recovering work left in flight: store unavailable: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+            else:
+                return True
+        return False
 
     async def run_burst(self) -> None:
         """Deliver everything due now (and retries that fall due meanwhile), then return."""

@@ -6,4 +6,5 @@ pytest_plugins: list[str] = [
     "tests.support.postgres",
     "tests.support.dovecot",
     "tests.support.tmpfs",
+    "tests.support.pgcluster",
 ]

@@ -7,6 +7,7 @@ readiness saying the truth, recovery without a restart, and shutdown within its 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -19,6 +20,7 @@ import pytest
 
 from notifier.store.postgres import PostgresStore
 from tests.support.http_sink import HTTPSink, Recorded, Reply
+from tests.support.pgcluster import Cluster
 from tests.support.pgproxy import answer_losing_proxy
 from tests.support.postgres import fetchval
 from tests.support.server import (
@@ -264,3 +266,100 @@ async def test_a_claim_whose_answer_is_lost_is_delivered_without_waiting_out_the
     counts = Counter(json.loads(line)["id"] for line in lines)
     assert set(counts) == ids
     assert [job for job, n in counts.items() if n != 1] == []
+
+
+# -- PostgreSQL: the server restarted, the pool exhausted --------------------------------------
+
+
+async def _send_until_accepted(
+    conn: LineConnection, keys: list[str], accepted: dict[str, str], *, once: bool = False
+) -> None:
+    """Send an SMS per key not yet accepted, pipelined, noting the ``ok`` ones; again until
+    all are (or only once). Any refusal must be ``unavailable``."""
+    while pending := [key for key in keys if key not in accepted]:
+        await conn.send(*({**SMS, "idempotency_key": key} for key in pending))
+        for key in pending:
+            answer = await conn.answer(timeout=30)
+            if answer["ok"]:
+                accepted[key] = answer["id"]
+            else:
+                assert answer["error"]["code"] == "unavailable", answer
+        if once:
+            return
+
+
+async def test_a_postgresql_restart_mid_run_loses_nothing_and_recovers_by_itself(
+    tmp_path: Path, pg_cluster: Cluster, http_sink: HTTPSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deliveries are under way when the server goes down; their outcomes wait for it, and
+    no instance's work is reaped for an outage every instance shared."""
+    gateway = Gateway(http_sink, held_sender="held")
+    settings = {
+        "database_url": pg_cluster.url,
+        "http_port": free_port(),
+        "sms_provider": ("webhook",),
+        "sms_url": http_sink.url,
+        "sms_from": "held",
+    }
+    accepted: dict[str, str] = {}
+    async with running_server(tmp_path, **settings) as server:
+        conn = await LineConnection.open(server.port)
+        base = f"http://127.0.0.1:{server.settings.http_port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            await _send_until_accepted(conn, [f"before-{n}" for n in range(100)], accepted)
+            await wait_for(lambda: len(http_sink.requests) >= 10, what="deliveries under way")
+            await asyncio.to_thread(pg_cluster.stop)
+            gateway.release.set()
+            down = [f"down-{n}" for n in range(50)]
+            await _send_until_accepted(conn, down, accepted, once=True)
+            assert not set(down) & set(accepted), "ok while the database was down"
+            assert (await http.get("/readyz")).status_code == 503
+            await wait_for(
+                lambda: "recording outcomes: store unavailable" in caplog.text,
+                what="outcomes waiting for the database",
+            )
+            await asyncio.to_thread(pg_cluster.start)
+            await _send_until_accepted(conn, down, accepted)
+            await wait_for(lambda: _status_of(http, "/readyz", 200), what="readiness back")
+
+            async def all_delivered() -> bool:
+                answers = [await conn.status(job_id) for job_id in accepted.values()]
+                return all(a["status"] == "delivered" for a in answers)
+
+            await wait_for(all_delivered, timeout=30, what="every accepted job delivered")
+        await conn.close()
+    counts = Counter(r.json()["id"] for r in list(http_sink.requests))
+    assert set(counts) == set(accepted.values())
+    assert [job for job, n in counts.items() if n != 1] == [], "sent twice across a restart"
+
+
+@pytest.mark.postgres
+async def test_an_exhausted_pool_answers_unavailable_at_once_and_recovers(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    settings = {
+        "database_url": postgres_url,
+        "database_pool_size": 2,
+        "database_statement_timeout": 1.0,
+    }
+    async with running_server(tmp_path, **settings) as server:
+        store = server.service.store
+        assert isinstance(store, PostgresStore) and store._pool is not None
+        conn = await LineConnection.open(server.port)
+        taken = [await store._pool.acquire() for _ in range(2)]
+        try:
+            await conn.send({**SMS, "idempotency_key": "starved"})
+            answer = await conn.answer(timeout=5)
+            assert not answer["ok"] and answer["error"]["code"] == "unavailable", answer
+            assert (await conn.request({"op": "ping"}))["ok"]
+        finally:
+            for connection in taken:
+                await store._pool.release(connection)
+        accepted: dict[str, str] = {}
+        await _send_until_accepted(conn, ["starved"], accepted)
+
+        async def delivered() -> bool:
+            return (await conn.status(accepted["starved"]))["status"] == "delivered"
+
+        await wait_for(delivered, what="the job sent again once connections were free")
+        await conn.close()

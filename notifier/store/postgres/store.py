@@ -7,7 +7,7 @@ What keeps it a good job queue where many are not:
 - Claims take a batch with ``FOR UPDATE SKIP LOCKED`` from a partial index that holds only
   waiting work, in the index's own order, so instances never block each other and the plan
   does not depend on fresh statistics. No transaction stays open during a delivery.
-- Takeover is by liveness, not by age: each instance heartbeats every couple of seconds, and
+- Takeover is by liveness, not by age: each instance heartbeats every second, and
   one instance at a time (an advisory lock) requeues the work of instances whose heartbeat
   stopped, and work whose lease ran out. A live instance extends the leases of its slow
   deliveries, so they are never rescued while they still run.

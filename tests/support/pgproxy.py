@@ -19,17 +19,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
+from tests.support.proxy import LocalProxy
+
 #: The dispatcher's claim statement, as it starts its SET list.
 CLAIM = b"SET status = 'sending', attempts = attempts + 1"
 
 
-class AnswerLosingProxy:
+class AnswerLosingProxy(LocalProxy):
     def __init__(self, upstream_port: int, *, marker: bytes = CLAIM) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.marker = marker
         self.dropped = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def url(self, upstream_url: str) -> str:
         """``upstream_url`` through the proxy, TLS off."""
@@ -38,45 +38,15 @@ class AnswerLosingProxy:
         query = "&".join(filter(None, [parts.query, "sslmode=disable"]))
         return urlunsplit(parts._replace(netloc=f"{host}127.0.0.1:{self.port}", query=query))
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         armed = asyncio.Event()
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.transport.abort()
-            self._tasks.discard(task)
-            return
-        requests = asyncio.create_task(self._requests(reader, up_writer, armed))
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await self._answers(up_reader, writer, armed)
-        finally:
-            requests.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await requests
-            for stream in (writer, up_writer):
-                stream.transport.abort()
-            self._tasks.discard(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await self._relay(
+                self._requests(reader, up_writer, armed),
+                self._answers(up_reader, writer, armed),
+                up_writer,
+            )
 
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, armed: asyncio.Event

@@ -61,6 +61,10 @@ class _Lane:
     metrics: _LaneMetrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: Every job this lane claimed and has not yet recorded or given back.
+    held: set[str] = field(default_factory=set)
+    #: A claim failed: it may have committed without its answer reaching us.
+    claim_lost: bool = False
     aging_share: float = 0.0
     aging_credit: float = 0.0
 
@@ -103,6 +107,8 @@ class Dispatcher:
         #: without NOTIFIER_SMS_RECIPIENT_LIMITS.
         self._holding_until = datetime.min.replace(tzinfo=UTC)
         self._stopping = asyncio.Event()
+        #: Set when shutdown's grace has run out: outcome records stop riding out an outage.
+        self._abandoning = asyncio.Event()
         self._lanes_stopped = asyncio.Event()
         self._lanes_stopped.set()
         store.on_work(self.wake)
@@ -113,8 +119,23 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Deliver until ``stop`` is called."""
-        await self.store.recover(owner=self.owner)
-        await self._run_lanes(burst=False, keep_leases=True)
+        if await self._recover():
+            await self._run_lanes(burst=False, keep_leases=True)
+
+    async def _recover(self) -> bool:
+        """Take back what dead instances left, before claiming anything; while the store
+        fails (it just opened, but may fail again at once) try again, or the dispatcher would
+        die and the service run on without delivering. False if stopped meanwhile."""
+        while not self._stopping.is_set():
+            try:
+                await self.store.recover(owner=self.owner)
+            except StoreUnavailable as exc:
+                log.warning("recovering work left in flight: store unavailable: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+            else:
+                return True
+        return False
 
     async def run_burst(self) -> None:
         """Deliver everything due now (and retries that fall due meanwhile), then return."""
@@ -130,7 +151,16 @@ class Dispatcher:
         self._lanes_stopped.set()
 
     async def stop(self, grace: float) -> None:
-        """Stop claiming; let deliveries finish within ``grace`` seconds, release the rest."""
+        """Stop claiming; let deliveries finish and their outcomes be recorded within
+        ``grace`` seconds, release the rest.
+
+        An outcome the store cannot take by then (disk full, database down) is given up:
+        its job stays leased to this instance and is claimed again after the next start, or
+        by another instance once this one's heartbeat stops. So a delivery made is never
+        marked undone, at worst made again (at least once), and shutdown never outlasts
+        the grace because the store is down.
+        """
+        deadline = asyncio.get_running_loop().time() + grace
         self._stopping.set()
         self.wake()
         await self._lanes_stopped.wait()
@@ -142,6 +172,10 @@ class Dispatcher:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._recorder.drain(), remaining)
+        self._abandoning.set()
         await self._recorder.drain()
 
     async def _run_lane(self, lane: _Lane, *, burst: bool) -> None:
@@ -181,6 +215,8 @@ class Dispatcher:
             return None  # the claim that follows says so in the log
 
     async def _claim(self, lane: _Lane, limit: int) -> int:
+        if lane.claim_lost and not await self._release_unheld(lane):
+            return 0
         try:
             jobs = await self.store.claim(
                 lane.name,
@@ -191,20 +227,38 @@ class Dispatcher:
             )
         except StoreUnavailable as exc:
             log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            lane.claim_lost = True
             return 0
+        lane.held.update(job.id for job in jobs)
         try:
             admitted = await self._paced(lane, jobs)
             suppressed = await self._suppressed(lane, admitted)
         except StoreUnavailable as exc:
             log.warning("claim %s: store unavailable: %s", lane.name, exc)
             await asyncio.shield(self._release(*jobs))
+            lane.held.difference_update(job.id for job in jobs)
             return 0
+        lane.held.difference_update({job.id for job in jobs} - {job.id for job in admitted})
         for job in admitted:
             task = asyncio.create_task(
                 self._deliver(lane, job, suppressed), name=f"deliver-{job.id}"
             )
             lane.in_flight[job.id] = task
         return len(jobs)
+
+    async def _release_unheld(self, lane: _Lane) -> bool:
+        """After a failed claim, give back what it may have claimed unbeknown to us, rather
+        than leave it leased to this live instance until the lease runs out. This lane is
+        the only claimer of its channel for this owner, and holds every job it knows of."""
+        try:
+            count = await self.store.release_unheld(self.owner, lane.name, set(lane.held))
+        except StoreUnavailable as exc:
+            log.warning("claim %s: store unavailable: %s", lane.name, exc)
+            return False
+        lane.claim_lost = False
+        if count:
+            log.warning("claim %s: %d jobs claimed without an answer given back", lane.name, count)
+        return True
 
     async def _paced(self, lane: _Lane, jobs: list[Job]) -> list[Job]:
         """The jobs every recipient of which may get a message now; the others wait (their
@@ -230,6 +284,7 @@ class Dispatcher:
             outcome = await self._attempt(lane.channel, job, suppressed)
         except BaseException:
             await asyncio.shield(self._release(job))
+            lane.held.discard(job.id)
             raise
         finally:
             lane.in_flight.pop(job.id, None)
@@ -246,6 +301,8 @@ class Dispatcher:
                 exc,
             )
             return
+        finally:
+            lane.held.discard(job.id)
         if applied:
             self._observe(lane, job, outcome, elapsed)
 
@@ -358,12 +415,16 @@ class Dispatcher:
         return Outcome(job.id, JobStatus.DELIVERED, results=results)
 
     async def _record(self, outcomes: Sequence[Outcome]) -> list[bool]:
-        """Save outcomes, riding out a store outage for a while: a delivery that happened must
-        not be forgotten (if it is, the job is sent again after recovery: at least once)."""
+        """Save outcomes, riding out a store outage for half a lease, or until shutdown's grace
+        runs out: a delivery that happened must not be forgotten (if it is, the job is sent
+        again after recovery: at least once)."""
+        outlasted = tenacity.stop_after_delay(self.settings.lease_seconds / 2)
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(StoreUnavailable),
             wait=tenacity.wait_exponential(multiplier=0.1, max=5),
-            stop=tenacity.stop_after_delay(self.settings.lease_seconds / 2),
+            stop=lambda state: outlasted(state) or self._abandoning.is_set(),
+            sleep=self._pause,
+            before_sleep=_outage_noticed,
             reraise=True,
         )
         applied: list[bool] = await retrying(self.store.record, self.owner, outcomes)
@@ -374,6 +435,11 @@ class Dispatcher:
                     outcome.job_id,
                 )
         return applied
+
+    async def _pause(self, seconds: float) -> None:
+        """tenacity's sleep between record attempts, cut short when shutdown gives up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._abandoning.wait(), seconds)
 
     async def _release(self, *jobs: Job) -> None:
         try:
@@ -394,6 +460,15 @@ class Dispatcher:
                         await self.store.extend_leases(self.owner, ids, self.settings.lease_seconds)
                     except StoreUnavailable as exc:
                         log.warning("extending leases: store unavailable: %s", exc)
+
+
+def _outage_noticed(state: tenacity.RetryCallState) -> None:
+    """Say once per batch that outcomes wait on the store, not at every attempt."""
+    if state.attempt_number == 1 and state.outcome is not None:
+        log.warning(
+            "recording outcomes: store unavailable (%s); retrying until it is back",
+            state.outcome.exception(),
+        )
 
 
 def _nobody_left(job: Job) -> Outcome:

@@ -63,7 +63,7 @@ class OpsApp(Starlette):
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            return PlainTextResponse(f"store unreachable: {exc}\n", 503)
+            return PlainTextResponse(f"store cannot take jobs: {exc}\n", 503)
         return PlainTextResponse("ready\n")
 
     async def _metrics(self, request: Request) -> Response:

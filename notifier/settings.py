@@ -117,8 +117,8 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(10, ge=2)
     database_statement_timeout: float = Field(10.0, gt=0)
     database_pgbouncer: bool = False
-    heartbeat_interval: float = Field(2.0, gt=0)
-    instance_dead_after: float = Field(10.0, gt=0)
+    heartbeat_interval: float = Field(1.0, gt=0)
+    instance_dead_after: float = Field(3.0, gt=0)
 
     # Delivery
     retry_max_attempts: int = Field(8, ge=1)
@@ -325,6 +325,17 @@ class Settings(BaseSettings):
                 "NOTIFIER_TLS_CERT, NOTIFIER_TLS_KEY: do not load as a certificate chain and"
                 f" its private key ({reason}); give PEM files that belong together"
             ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _liveness(self) -> Self:
+        """A live instance must beat at least twice within the time that declares it dead,
+        or a single late heartbeat hands its deliveries to another instance (sent twice)."""
+        if self.instance_dead_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"NOTIFIER_INSTANCE_DEAD_AFTER ({self.instance_dead_after:g}) must be at least"
+                f" twice NOTIFIER_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
+            )
         return self
 
     @model_validator(mode="after")

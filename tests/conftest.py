@@ -5,4 +5,6 @@ pytest_plugins: list[str] = [
     "tests.support.http_sink",
     "tests.support.postgres",
     "tests.support.dovecot",
+    "tests.support.tmpfs",
+    "tests.support.pgcluster",
 ]

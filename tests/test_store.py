@@ -345,6 +345,26 @@ async def test_release_puts_the_job_back_due_now(store: Store) -> None:
     assert (again.id, again.attempts) == (job_id, 2)
 
 
+async def test_release_unheld_gives_back_only_the_owners_jobs_it_does_not_hold(
+    store: Store,
+) -> None:
+    held_id, lost_id, theirs_id = await add(
+        store, new_job(delay=-3), new_job(delay=-2), new_job(delay=-1)
+    )
+    email_id, *_ = await add(store, new_job("email", to=("a@example.com",)))
+    await store.claim("sms", owner="me", limit=2, lease_seconds=LONG)
+    await store.claim("sms", owner="them", limit=1, lease_seconds=LONG)
+    await store.claim("email", owner="me", limit=1, lease_seconds=LONG)
+    assert await store.release_unheld("me", "sms", [held_id]) == 1
+    lost = await store.get(lost_id)
+    assert lost is not None and lost.status is JobStatus.RETRYING and lost.last_error
+    for job_id in (held_id, theirs_id, email_id):
+        assert await status(store, job_id) is JobStatus.SENDING
+    assert await store.release_unheld("me", "sms", []) == 1, "none held: all given back"
+    again = await store.claim("sms", owner="other", limit=5, lease_seconds=LONG)
+    assert {job.id for job in again} == {held_id, lost_id}
+
+
 async def test_recover_requeues_run_out_leases_and_keeps_live_ones(store: Store) -> None:
     expired_id, live_id = await add(store, new_job(delay=-2), new_job(delay=-1))
     await store.claim("sms", owner="me", limit=1, lease_seconds=EXPIRED)

@@ -83,7 +83,8 @@ class Store(ABC):
 
     @abstractmethod
     async def ping(self) -> None:
-        """Return if the store answers; raise StoreUnavailable otherwise."""
+        """Return if the store answers and can commit a write (readiness: a full disk still
+        answers reads); raise StoreUnavailable otherwise."""
 
     @abstractmethod
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
@@ -115,6 +116,12 @@ class Store(ABC):
     @abstractmethod
     async def release(self, owner: str, job_ids: Sequence[str]) -> None:
         """Give jobs back to the queue, due now (shutdown cut their delivery short)."""
+
+    @abstractmethod
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        """Give back, due now, the ``channel`` jobs ``owner`` holds but ``held`` does not name:
+        a claim that committed but whose answer was lost (its connection died) left them
+        leased to a live owner that does not know it has them. Returns how many."""
 
     @abstractmethod
     async def recover(self, *, owner: str) -> int:

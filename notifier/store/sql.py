@@ -91,6 +91,7 @@ FAILING = status_in({JobStatus.RETRYING, JobStatus.FAILED})
 
 #: ``last_error`` of a job given back to the queue by a stopping instance.
 INTERRUPTED_BY_SHUTDOWN = "delivery interrupted by shutdown; it will be tried again"
+CLAIM_ANSWER_LOST = "the claim's answer was lost before delivery began; it will be tried again"
 
 
 def _as_stored(value: Any) -> Any:

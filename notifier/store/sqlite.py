@@ -282,7 +282,9 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     async def ping(self) -> None:
-        await self._run("SELECT 1")
+        # A committed write (the header's version, unchanged): reads still work on a full
+        # disk, so only a write says whether jobs can be stored.
+        await self._run(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
         now = time.time()
@@ -399,6 +401,13 @@ class SQLiteStore(Store):
             "lease_owner = ? AND id IN (SELECT value FROM json_each(?))",
             (owner, json.dumps(list(job_ids))),
             reason=sql.INTERRUPTED_BY_SHUTDOWN,
+        )
+
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        return await self._requeue(
+            "lease_owner = ? AND channel = ? AND id NOT IN (SELECT value FROM json_each(?))",
+            (owner, channel, json.dumps(list(held))),
+            reason=sql.CLAIM_ANSWER_LOST,
         )
 
     async def recover(self, *, owner: str) -> int:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 
-class DroppingProxy:
-    def __init__(self, upstream_port: int, *, forward: int) -> None:
+class LocalProxy:
+    """A listener on 127.0.0.1 (port 0) that hands each connection to ``_serve``, which
+    registers its task in ``_tasks`` so that ``stop`` can cut it."""
+
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.forward = forward
-        self.connections = 0
-        self.dropped: list[bytes] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -45,21 +46,48 @@ class DroppingProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        finally:
+            writer.transport.abort()
+            self._tasks.discard(task)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    async def _relay(
+        requests: Coroutine[Any, Any, None],
+        answers: Coroutine[Any, Any, None],
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        """Pass ``answers`` on while ``requests`` run beside them; then cut the upstream."""
+        pumping = asyncio.create_task(requests)
+        try:
+            await answers
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+            upstream.transport.abort()
+
+
+class DroppingProxy(LocalProxy):
+    def __init__(self, upstream_port: int, *, forward: int) -> None:
+        super().__init__(upstream_port)
+        self.forward = forward
+        self.connections = 0
+        self.dropped: list[bytes] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         cut_after = self.forward if self.connections == 1 else None
         up_reader, up_writer = await asyncio.open_connection(
             "127.0.0.1", self.upstream_port, limit=2**24
         )
-        requests = asyncio.create_task(_pipe(reader, up_writer))
-        try:
-            await self._answers(up_reader, writer, cut_after)
-        finally:
-            requests.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await requests
-            for stream in (writer, up_writer):
-                stream.transport.abort()
-            self._tasks.discard(task)
+        await self._relay(
+            _pipe(reader, up_writer), self._answers(up_reader, writer, cut_after), up_writer
+        )
 
     async def _answers(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut_after: int | None

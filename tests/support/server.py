@@ -180,6 +180,10 @@ class ServerProcess:
         assert self.process is not None
         return self.process.wait(timeout)
 
+    @property
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
     def kill(self) -> None:
         """kill -9: no shutdown code runs."""
         self.signal(signal.SIGKILL)

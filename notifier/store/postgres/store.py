@@ -7,7 +7,7 @@ What keeps it a good job queue where many are not:
 - Claims take a batch with ``FOR UPDATE SKIP LOCKED`` from a partial index that holds only
   waiting work, in the index's own order, so instances never block each other and the plan
   does not depend on fresh statistics. No transaction stays open during a delivery.
-- Takeover is by liveness, not by age: each instance heartbeats every couple of seconds, and
+- Takeover is by liveness, not by age: each instance heartbeats every second, and
   one instance at a time (an advisory lock) requeues the work of instances whose heartbeat
   stopped, and work whose lease ran out. A live instance extends the leases of its slow
   deliveries, so they are never rescued while they still run.
@@ -207,8 +207,10 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"postgresql: {exc}") from exc
 
     async def ping(self) -> None:
+        # Taking a transaction id commits a WAL record: a read-only server (a standby, a
+        # full disk) refuses it where it would still answer a plain read.
         async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
+            await conn.fetchval("SELECT txid_current()")
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
@@ -407,6 +409,20 @@ class PostgresStore(Store):
         if count:
             self._notify_work()
 
+    async def release_unheld(self, owner: str, channel: str, held: Collection[str]) -> int:
+        async with self._connection(transaction=True) as conn:
+            count = await self._requeue(
+                conn,
+                "lease_owner = $2 AND channel = $3 AND NOT id = ANY($4)",
+                owner,
+                channel,
+                list(held),
+                reason=sql.CLAIM_ANSWER_LOST,
+            )
+        if count:
+            self._notify_work()
+        return count
+
     @staticmethod
     async def _requeue(conn: AnyConnection, where: str, *params: Any, reason: str) -> int:
         """Put jobs in flight back in the queue, due now, and wake every instance."""
@@ -436,21 +452,25 @@ class PostgresStore(Store):
         return count
 
     async def _keep_alive(self) -> None:
-        healthy = True
+        """Heartbeat and reap every ``heartbeat_interval``. After an outage nobody could
+        heartbeat through, every instance looks dead for a moment: reaping waits until the
+        others had ``instance_dead_after`` to beat again, so none is reaped for the outage."""
+        loop = asyncio.get_running_loop()
+        reachable_since: float | None = loop.time()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 if self._owner is not None:
                     await self._heartbeat(self._owner)
-                await self._reap()
-            except StoreUnavailable as exc:
-                if healthy:
-                    log.warning("heartbeat: store unavailable: %s", exc)
-                healthy = False
-            else:
-                if not healthy:
+                if reachable_since is None:
                     log.info("heartbeat: store reachable again")
-                healthy = True
+                    reachable_since = loop.time()
+                if loop.time() - reachable_since >= self.settings.instance_dead_after:
+                    await self._reap()
+            except StoreUnavailable as exc:
+                if reachable_since is not None:
+                    log.warning("heartbeat: store unavailable: %s", exc)
+                reachable_since = None
 
     async def _heartbeat(self, owner: str) -> None:
         async with self._connection() as conn:

@@ -196,20 +196,27 @@ def claim_order(due: str, *, oldest: str | None, limit: str, lock: str = "") -> 
     (none when it is None), then due jobs in priority order, each priority by due time,
     ``limit`` in all.
 
-    ``due`` is ``FROM jobs WHERE <due work of the channel>``; each part reads its own index
-    (``jobs_due``, ``jobs_due_by_priority``) in order and stops at its limit.
+    ``due`` is ``FROM jobs WHERE <due work of the channel>``. Each priority is its own range
+    of the ``jobs_due_by_priority`` index (channel, priority, run_at, id), read in order up to
+    the limit, and the longest-waiting share one range of ``jobs_due`` (channel, run_at, id):
+    a claim reads about as many index entries as it takes, however many jobs wait for later.
+    One walk of the whole channel in priority order would step over every job not yet due
+    of a priority before reaching the next.
     """
-    by_priority = f"SELECT id {due} ORDER BY priority, run_at, id LIMIT {limit}{lock}"
+    ranks = " UNION ALL ".join(
+        f"SELECT * FROM (SELECT id, priority, run_at {due} AND priority = {p.rank}"
+        f" ORDER BY run_at, id LIMIT {limit}{lock}) AS p{p.rank}"
+        for p in Priority
+    )
     if oldest is None:
-        return by_priority
+        return f"SELECT id FROM ({ranks}) AS p ORDER BY priority, run_at, id LIMIT {limit}"
     return (
         "SELECT id FROM ("
         f"SELECT id, 0 AS part, row_number() OVER (ORDER BY run_at, id) AS rn FROM"
         f" (SELECT id, run_at {due} ORDER BY run_at, id LIMIT {oldest}{lock}) AS o"
         " UNION ALL"
-        f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM"
-        f" (SELECT id, priority, run_at {due} ORDER BY priority, run_at, id LIMIT {limit}{lock})"
-        f" AS p) AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
+        f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM ({ranks}) AS p)"
+        f" AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
     )
 
 

@@ -39,10 +39,15 @@ from notifier.settings import RecipientLimit, Settings
 from notifier.store import sql
 from notifier.store.base import Store, StoreLocked, StoreUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Purge deletes at most this many jobs per statement, so that it never holds the one
+#: writer for long: intake waits for one batch at most.
+PURGE_BATCH = 1000
 
 #: The moment now, in the epoch seconds every time column holds.
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+FINAL_TOTALS = ", ".join(f"('{status.value}', 0)" for status in FINAL_STATUSES)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,13 +70,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     callback_url TEXT,
     receipts TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at) WHERE {sql.WAITING};
-CREATE INDEX IF NOT EXISTS jobs_due_by_priority ON jobs (channel, priority, run_at)
+-- Claims read these in the order they take jobs (``sql.claim_order``); ``id`` is in them
+-- because it is not the rowid, and ``status`` so that counts never read the table.
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at, id, status) WHERE {sql.WAITING};
+CREATE INDEX IF NOT EXISTS jobs_due_by_priority ON jobs (channel, priority, run_at, id)
     WHERE {sql.WAITING};
 CREATE INDEX IF NOT EXISTS jobs_collapse ON jobs (collapse)
     WHERE {sql.WAITING} AND collapse IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at) WHERE {sql.FINAL};
+
+-- Finished jobs per status, kept by the triggers below: counting them never reads the
+-- ever-growing finished part of the table.
+CREATE TABLE IF NOT EXISTS job_totals (status TEXT PRIMARY KEY, n INTEGER NOT NULL);
+INSERT OR IGNORE INTO job_totals (status, n) VALUES {FINAL_TOTALS};
 
 CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY,
@@ -154,6 +166,17 @@ WHEN EXISTS (SELECT 1 FROM receipt_orphans WHERE ref = NEW.ref) BEGIN
     WHERE id = NEW.job_id;
     DELETE FROM receipt_orphans WHERE ref = NEW.ref;
 END;
+CREATE TRIGGER IF NOT EXISTS jobs_tally AFTER UPDATE OF status ON jobs
+WHEN ({sql.status_in(FINAL_STATUSES, "NEW.status")})
+    <> ({sql.status_in(FINAL_STATUSES, "OLD.status")})
+BEGIN
+    UPDATE job_totals SET n = n + 1 WHERE status = NEW.status;
+    UPDATE job_totals SET n = n - 1 WHERE status = OLD.status;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_untally AFTER DELETE ON jobs
+WHEN {sql.status_in(FINAL_STATUSES, "OLD.status")} BEGIN
+    UPDATE job_totals SET n = n - 1 WHERE status = OLD.status;
+END;
 CREATE TRIGGER IF NOT EXISTS jobs_purged AFTER DELETE ON jobs BEGIN
     DELETE FROM events WHERE job_id = OLD.id;
     DELETE FROM provider_refs WHERE job_id = OLD.id;
@@ -170,6 +193,12 @@ ADDED_COLUMNS = {
 }
 
 COLUMNS = sql.job_columns("json_object")
+
+COUNT_BY_STATUS = (
+    f"SELECT status, count(*) FROM jobs WHERE {sql.WAITING} GROUP BY status"
+    " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
+    " UNION ALL SELECT status, n FROM job_totals"
+)
 
 
 def database_path(url: str) -> Path:
@@ -206,23 +235,43 @@ class SQLiteStore(Store):
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
                 await self._db.execute(f"PRAGMA {pragma}")
-            await self._upgrade(self._db)
+            earlier = await self._upgrade(self._db)
             await self._db.executescript(SCHEMA)
-            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if earlier is not None and earlier < 3:
+                await self._db.executescript(
+                    "BEGIN; INSERT OR REPLACE INTO job_totals (status, n)"
+                    f" SELECT status, count(*) FROM jobs WHERE {sql.FINAL} GROUP BY status;"
+                    f" PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                )
+            else:
+                await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
 
     @staticmethod
-    async def _upgrade(db: aiosqlite.Connection) -> None:
-        """Bring a file of an earlier version up to date before the schema script runs."""
+    async def _upgrade(db: aiosqlite.Connection) -> int | None:
+        """Bring a file of an earlier version up to date before the schema script runs;
+        returns the file's version, None for a new file.
+
+        Version 3 rebuilt the due indexes (with ``id``, and ``status``) under their old
+        names, and counts finished jobs in ``job_totals``, filled once from the table.
+        """
         async with db.execute("PRAGMA table_info(jobs)") as cursor:
             present = {row[1] for row in await cursor.fetchall()}
         if not present:
-            return
+            return None
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
         for name, definition in ADDED_COLUMNS.items():
             if name not in present:
                 await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        if version < 3:
+            await db.executescript(
+                "DROP INDEX IF EXISTS jobs_due; DROP INDEX IF EXISTS jobs_due_by_priority;"
+            )
+        return version
 
     def _take_ownership(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -434,9 +483,8 @@ class SQLiteStore(Store):
         return _moment(value) if value is not None else None
 
     async def count_by_status(self) -> dict[JobStatus, int]:
-        return sql.status_counts(
-            await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
-        )
+        """Work in progress counted on the partial indexes, finished work from job_totals."""
+        return sql.status_counts(await self._run(COUNT_BY_STATUS))
 
     async def count_waiting(self) -> dict[tuple[str, Priority], int]:
         return sql.waiting_counts(await self._run(sql.COUNT_WAITING))
@@ -473,9 +521,17 @@ class SQLiteStore(Store):
         await self._run("DELETE FROM recipient_sends WHERE sent_at < ?", (cutoff,))
         await self._run("DELETE FROM recipient_holds WHERE until < ?", (time.time(),))
         await self._run("DELETE FROM receipt_orphans WHERE created_at < ?", (cutoff,))
-        return await self._count(
-            f"DELETE FROM jobs WHERE {sql.FINAL} AND updated_at < ?", (cutoff,)
-        )
+        total = 0
+        while True:
+            # A batch per statement: intake and claims queued meanwhile go in between.
+            deleted = await self._count(
+                "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+                f" WHERE {sql.FINAL} AND updated_at < ? LIMIT ?)",
+                (cutoff, PURGE_BATCH),
+            )
+            total += deleted
+            if deleted < PURGE_BATCH:
+                return total
 
     # -- traffic control ---------------------------------------------------------------------
 

@@ -65,9 +65,13 @@ def status_in(statuses: Iterable[JobStatus], column: str = "status") -> str:
     return f"{column} IN ({values})"
 
 
-def job_columns(json_object: str) -> str:
+def job_columns(json_object: str | None) -> str:
     """``JOB_COLUMNS`` as a select list; ``callback`` is derived from the job's latest event
-    (``json_object`` names the backend's function that builds a JSON object)."""
+    (``json_object`` names the backend's function that builds a JSON object), or is NULL
+    when ``json_object`` is None: claims leave it out, delivery never reads it and it costs
+    a subquery per job."""
+    if json_object is None:
+        return ", ".join("NULL" if name == "callback" else f"jobs.{name}" for name in JOB_COLUMNS)
     latest = (
         f"(SELECT {json_object}('state', e.state, 'attempts', e.attempts,"
         " 'last_error', e.last_error) FROM events e WHERE e.job_id = jobs.id"
@@ -81,6 +85,9 @@ def job_columns(json_object: str) -> str:
         f"{callback} AS callback" if name == "callback" else f"jobs.{name}" for name in JOB_COLUMNS
     )
 
+
+#: What a claim returns: every column but the callback state.
+CLAIMED_COLUMNS = job_columns(None)
 
 WAITING = status_in(WAITING_STATUSES)
 FINAL = status_in(FINAL_STATUSES)

@@ -377,7 +377,7 @@ class SQLiteStore(Store):
         rows = await self._run(
             "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
             f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
-            f" RETURNING {COLUMNS}",
+            f" RETURNING {sql.CLAIMED_COLUMNS}",
             (owner, now + lease_seconds, now, channel, oldest, limit),
         )
         return sql.in_claim_order(ROWS.job(row) for row in rows)

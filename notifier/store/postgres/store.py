@@ -328,7 +328,7 @@ class PostgresStore(Store):
                 "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
                 " lease_until = now() + make_interval(secs => $3), updated_at = now()"
                 f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
-                f" RETURNING {COLUMNS}",
+                f" RETURNING {sql.CLAIMED_COLUMNS}",
                 channel,
                 owner,
                 lease_seconds,

@@ -194,6 +194,42 @@ ADDED_COLUMNS = {
 
 COLUMNS = sql.job_columns("json_object")
 
+# The statements of the hot paths, whose plans tests/test_store.py checks on a grown table.
+
+
+def _claim(oldest: bool) -> str:
+    due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
+    chosen = sql.claim_order(due, oldest="?5" if oldest else None, limit="?6")
+    return (
+        "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
+        f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
+        f" RETURNING {sql.CLAIMED_COLUMNS}"
+    )
+
+
+#: ``(owner, lease_until, now, channel, oldest, limit)``, by whether ``oldest`` is above 0.
+CLAIM = {oldest: _claim(oldest) for oldest in (False, True)}
+#: ``(now, outcomes as JSON, owner)``.
+RECORD = (
+    "UPDATE jobs SET status = o.status, last_error = o.last_error,"
+    " run_at = coalesce(o.run_at, jobs.run_at),"
+    " results = coalesce(o.results, jobs.results), updated_at = ?,"
+    " lease_owner = NULL, lease_until = NULL"
+    " FROM (SELECT json_extract(value, '$.id') AS id,"
+    " json_extract(value, '$.status') AS status,"
+    " json_extract(value, '$.last_error') AS last_error,"
+    " json_extract(value, '$.run_at') AS run_at,"
+    " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
+    " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
+    " RETURNING jobs.id"
+)
+NEXT_DUE = f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {sql.WAITING}"
+GET = f"SELECT {COLUMNS} FROM jobs WHERE id = ?"
+#: ``(cutoff, batch size)``.
+PURGE = (
+    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+    f" WHERE {sql.FINAL} AND updated_at < ? LIMIT ?)"
+)
 COUNT_BY_STATUS = (
     f"SELECT status, count(*) FROM jobs WHERE {sql.WAITING} GROUP BY status"
     " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
@@ -372,13 +408,8 @@ class SQLiteStore(Store):
         self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
         now = time.time()
-        due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
-        chosen = sql.claim_order(due, oldest="?5" if oldest else None, limit="?6")
         rows = await self._run(
-            "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
-            f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
-            f" RETURNING {sql.CLAIMED_COLUMNS}",
-            (owner, now + lease_seconds, now, channel, oldest, limit),
+            CLAIM[oldest > 0], (owner, now + lease_seconds, now, channel, oldest, limit)
         )
         return sql.in_claim_order(ROWS.job(row) for row in rows)
 
@@ -395,20 +426,7 @@ class SQLiteStore(Store):
                 for o in outcomes
             ]
         )
-        rows = await self._run(
-            "UPDATE jobs SET status = o.status, last_error = o.last_error,"
-            " run_at = coalesce(o.run_at, jobs.run_at),"
-            " results = coalesce(o.results, jobs.results), updated_at = ?,"
-            " lease_owner = NULL, lease_until = NULL"
-            " FROM (SELECT json_extract(value, '$.id') AS id,"
-            " json_extract(value, '$.status') AS status,"
-            " json_extract(value, '$.last_error') AS last_error,"
-            " json_extract(value, '$.run_at') AS run_at,"
-            " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
-            " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
-            " RETURNING jobs.id",
-            (time.time(), payload, owner),
-        )
+        rows = await self._run(RECORD, (time.time(), payload, owner))
         applied = {row[0] for row in rows}
         unsent = [
             o for o in outcomes if o.status is not JobStatus.DELIVERED and o.job_id in applied
@@ -464,7 +482,7 @@ class SQLiteStore(Store):
         return count
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._run(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = await self._run(GET, (job_id,))
         return ROWS.job(rows[0]) if rows else None
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -476,9 +494,7 @@ class SQLiteStore(Store):
         return ROWS.job(rows[0]) if rows else await self.get(job_id)
 
     async def next_due(self, channel: str) -> datetime | None:
-        rows = await self._run(
-            f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {sql.WAITING}", (channel,)
-        )
+        rows = await self._run(NEXT_DUE, (channel,))
         value = rows[0][0] if rows else None
         return _moment(value) if value is not None else None
 
@@ -524,11 +540,7 @@ class SQLiteStore(Store):
         total = 0
         while True:
             # A batch per statement: intake and claims queued meanwhile go in between.
-            deleted = await self._count(
-                "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
-                f" WHERE {sql.FINAL} AND updated_at < ? LIMIT ?)",
-                (cutoff, PURGE_BATCH),
-            )
+            deleted = await self._count(PURGE, (cutoff, PURGE_BATCH))
             total += deleted
             if deleted < PURGE_BATCH:
                 return total

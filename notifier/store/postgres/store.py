@@ -126,11 +126,13 @@ COUNT_BY_STATUS = (
     " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
     " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
 )
-#: One batch: ``(cutoff, batch size, shard)``; the count of jobs it deleted.
+#: One batch: ``(cutoff, batch size, shard)``; the count of jobs it deleted. Oldest first,
+#: in the finished index's order: a scan of the table from its start would step over the
+#: rows earlier batches left dead, more with every batch.
 PURGE = (
     "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
     f"SELECT id FROM jobs WHERE {sql.FINAL} AND updated_at < $1"
-    " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING id, status),"
+    " ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING id, status),"
     " events_gone AS (DELETE FROM events WHERE job_id IN (SELECT id FROM purged)),"
     " refs_gone AS (DELETE FROM provider_refs"
     " WHERE job_id IN (SELECT id FROM purged)), "

@@ -5,8 +5,9 @@ outages, and plans that do not depend on fresh statistics."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ import asyncpg
 import pytest
 
 from notifier.cli import main as cli_main
-from notifier.models import JobStatus, NewJob, Outcome
+from notifier.models import JobStatus, NewJob, Outcome, utcnow
 from notifier.store import StoreUnavailable
-from notifier.store.postgres import PostgresStore
+from notifier.store.postgres import PostgresStore, schema
+from notifier.store.postgres import store as pg_store
 from notifier.store.postgres.schema import LATEST, warn_about_upkeep
-from notifier.store.sql import FAILING, FINAL, WAITING
+from notifier.store.sql import COUNT_WAITING, FAILING, FINAL, WAITING
+from tests.support.grown import grow_postgres
 from tests.support.postgres import database_name, terminate_backends
 from tests.support.server import free_port, isolated_settings
 from tests.support.waiting import wait_for
@@ -95,6 +98,24 @@ async def test_the_partial_indexes_hold_the_status_groups_the_queries_name(
         await conn.close()
 
 
+async def test_a_version_2_database_is_upgraded_with_its_jobs(
+    stores: Any, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as earlier:
+        earlier.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:2])
+        earlier.setattr(schema, "LATEST", 2)
+        old = await stores()
+        (waiting,) = [answer.id for answer in await old.enqueue([new_job()])]
+        await old.close()
+    store = await stores()
+    assert await query(postgres_url, "SELECT max(version) FROM schema_migrations") == LATEST
+    index = await query(postgres_url, "SELECT pg_get_indexdef('jobs_due'::regclass)")
+    assert "INCLUDE (status)" in index
+    assert (await store.count_by_status())[JobStatus.QUEUED] == 1
+    (job,) = await store.claim("sms", owner="me", limit=5, lease_seconds=LONG)
+    assert job.id == waiting
+
+
 def test_migrate_command_applies_and_then_checks(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -150,6 +171,91 @@ async def test_due_work_is_found_on_its_index_without_fresh_statistics(
     finally:
         await conn.close()
     assert "jobs_due" in plan and "Seq Scan" not in plan, plan
+
+
+# -- tables that grow --------------------------------------------------------------------------
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from plan_nodes(child)
+
+
+async def explained(
+    conn: asyncpg.Connection, statement: str, *args: Any, analyze: bool = False
+) -> dict[str, Any]:
+    """The plan of ``statement`` (run and rolled back when ``analyze``), as EXPLAIN's JSON."""
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if analyze else "FORMAT JSON"
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        answer = await conn.fetchval(f"EXPLAIN ({options}) {statement}", *args)
+    finally:
+        await tx.rollback()
+    plan: dict[str, Any] = json.loads(answer)[0]["Plan"]
+    return plan
+
+
+async def test_hot_statements_read_indexes_not_the_table(stores: Any, postgres_url: str) -> None:
+    """On a grown, analyzed table: no statement of the hot paths reads the jobs table whole."""
+    store = await stores()
+    await grow_postgres(postgres_url, queued=20_000, finished=50_000, due=100)
+    outcome = (["x"], ["delivered"], [None], [None], [None], "me", 0)
+    statements: dict[str, tuple[str, tuple[Any, ...]]] = {
+        "claim": (pg_store.CLAIM[False], ("sms", "me", 60.0, 32)),
+        "claim with oldest": (pg_store.CLAIM[True], ("sms", "me", 60.0, 32, 4)),
+        "record": (pg_store.RECORD, outcome),
+        "next due": (pg_store.NEXT_DUE, ("sms",)),
+        "status": (pg_store.GET, ("x",)),
+        "counts": (pg_store.COUNT_BY_STATUS, ()),
+        "waiting": (COUNT_WAITING, ()),
+        "purge": (pg_store.PURGE, (utcnow(), 1000, 0)),
+    }
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        for name, (statement, args) in statements.items():
+            plan = await explained(conn, statement, *args)
+            scans = [
+                node
+                for node in plan_nodes(plan)
+                if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "jobs"
+            ]
+            assert not scans, (name, plan)
+    finally:
+        await conn.close()
+    assert store is not None
+
+
+#: Blocks a grown index adds to a claim that reads the same entries: each of its four
+#: ranges descends a B-tree a few levels deeper. Walking past 50,000 entries reads hundreds.
+DEEPER = 50
+
+
+async def due_index_blocks(conn: asyncpg.Connection, limit: int) -> int:
+    """Index blocks one claim reads from the due indexes (rolled back)."""
+    plan = await explained(conn, pg_store.CLAIM[True], "sms", "me", 60.0, limit, 4, analyze=True)
+    return sum(
+        node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0)
+        for node in plan_nodes(plan)
+        if node.get("Index Name") in ("jobs_due", "jobs_due_by_priority")
+    )
+
+
+async def test_a_claim_reads_as_much_however_many_jobs_wait(stores: Any, postgres_url: str) -> None:
+    """Jobs queued for later, finished ones and a backlog of due ones cost a claim nothing
+    more: neither one that takes all that is due (fewer than its limit) nor a full one."""
+    await stores()
+    await grow_postgres(postgres_url, queued=0, finished=0, due=40)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        full, drained = await due_index_blocks(conn, 32), await due_index_blocks(conn, 64)
+        await grow_postgres(postgres_url, queued=50_000, finished=50_000)
+        assert await due_index_blocks(conn, 64) < 2 * drained + DEEPER
+        await grow_postgres(postgres_url, queued=0, finished=0, due=20_000)
+        assert await due_index_blocks(conn, 32) < 2 * full + DEEPER
+    finally:
+        await conn.close()
 
 
 # -- several instances -------------------------------------------------------------------------

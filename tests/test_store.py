@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import re
+import sqlite3
+import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +41,9 @@ from notifier.models import (
 )
 from notifier.settings import RecipientLimit, Settings
 from notifier.store import Store, open_store, sql
+from notifier.store import sqlite as sqlite_module
 from notifier.store.sqlite import SQLiteStore
+from tests.support.grown import grow_sqlite
 from tests.support.server import isolated_settings
 
 LONG = 300.0
@@ -951,3 +958,165 @@ async def test_callback_backlog_counts_events_not_yet_posted(store: Store) -> No
     assert (await store.callback_backlog()).pending == 1, "claimed is not posted yet"
     await store.record_events("me", [EventOutcome(event.id, CallbackState.SENT)])
     assert await store.callback_backlog() == CallbackBacklog(0, None)
+
+
+# -- tables that grow --------------------------------------------------------------------------
+
+
+async def test_purge_goes_in_batches_until_nothing_old_is_left(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[type(store).__module__], "PURGE_BATCH", 2)
+    finished = [await _job_in(store, JobStatus.DELIVERED) for _ in range(5)]
+    (kept,) = await add(store)
+    assert await store.purge(before=utcnow() + timedelta(hours=1)) == len(finished)
+    assert [await store.get(job_id) for job_id in finished] == [None] * len(finished)
+    assert await store.get(kept) is not None
+    counts = await store.count_by_status()
+    assert (counts[JobStatus.DELIVERED], counts[JobStatus.QUEUED]) == (0, 1)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "notifier.db")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_sqlite_purge_deletes_one_batch_per_statement(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intake waits for one batch at most: the one writer is never held for the whole purge."""
+    monkeypatch.setattr(sqlite_module, "PURGE_BATCH", 2)
+    for _ in range(5):
+        await _job_in(sqlite_store, JobStatus.DELIVERED)
+    batches: list[Sequence[Any]] = []
+    count = sqlite_store._count
+
+    async def counted(statement: str, params: Sequence[Any] = ()) -> int:
+        if statement == sqlite_module.PURGE:
+            batches.append(params)
+        return await count(statement, params)
+
+    monkeypatch.setattr(sqlite_store, "_count", counted)
+    assert await sqlite_store.purge(before=utcnow() + timedelta(hours=1)) == 5
+    assert [limit for _, limit in batches] == [2, 2, 2]
+
+
+def sqlite_plan(path: Path, statement: str, params: Sequence[Any]) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}", params)]
+    finally:
+        db.close()
+
+
+#: Partial indexes of work not finished: a count may read one whole, as it is as small as
+#: the queue; the table, and the finished part of it, only ever grow.
+UNFINISHED_INDEXES = frozenset({"jobs_due", "jobs_due_by_priority", "jobs_leased"})
+
+
+async def test_sqlite_hot_statements_read_indexes_not_the_table(sqlite_store: SQLiteStore) -> None:
+    """On a grown file (and analyzed: the planner knows how big it is)."""
+    grow_sqlite(sqlite_store.path, queued=20_000, finished=20_000, due=100)
+    now = time.time()
+    outcome = json.dumps([{"id": "x", "status": "delivered"}])
+    statements: dict[str, tuple[str, Sequence[Any]]] = {
+        "claim": (sqlite_module.CLAIM[False], ("me", now + 60, now, "sms", 0, 32)),
+        "claim with oldest": (sqlite_module.CLAIM[True], ("me", now + 60, now, "sms", 4, 32)),
+        "record": (sqlite_module.RECORD, (now, outcome, "me")),
+        "next due": (sqlite_module.NEXT_DUE, ("sms",)),
+        "status": (sqlite_module.GET, ("x",)),
+        "counts": (sqlite_module.COUNT_BY_STATUS, ()),
+        "waiting": (sql.COUNT_WAITING, ()),
+        "purge": (sqlite_module.PURGE, (now, 1000)),
+    }
+    for name, (statement, params) in statements.items():
+        plan = sqlite_plan(sqlite_store.path, statement, params)
+        scans = [
+            line
+            for line in plan
+            if (scan := re.fullmatch(r"SCAN jobs(?: USING (?:COVERING )?INDEX (\w+))?", line))
+            and scan[1] not in UNFINISHED_INDEXES
+        ]
+        assert not scans, (name, plan)
+
+
+def claim_steps(path: Path, limit: int) -> int:
+    """How many steps of SQLite's virtual machine one claim takes (rolled back)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        db.set_progress_handler(step, 10)
+        db.execute("BEGIN")
+        now = time.time()
+        db.execute(sqlite_module.CLAIM[True], ("me", now + 60, now, "sms", 4, limit)).fetchall()
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+    return steps
+
+
+async def test_sqlite_a_claim_reads_as_much_however_many_jobs_wait(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """Jobs queued for later, finished ones and a backlog of due ones cost a claim nothing
+    more: neither one that takes all that is due (fewer than its limit) nor a full one."""
+    grow_sqlite(sqlite_store.path, queued=0, finished=0, due=40)
+    full, drained = claim_steps(sqlite_store.path, 32), claim_steps(sqlite_store.path, 64)
+    grow_sqlite(sqlite_store.path, queued=20_000, finished=20_000)
+    assert claim_steps(sqlite_store.path, 64) < 2 * drained
+    grow_sqlite(sqlite_store.path, queued=0, finished=0, due=5_000)
+    assert claim_steps(sqlite_store.path, 32) < 2 * full
+
+
+async def test_a_version_2_file_is_upgraded_with_its_jobs_counted(tmp_path: Path) -> None:
+    path = tmp_path / "notifier.db"
+    store = SQLiteStore(path)
+    await store.open()
+    finished = [await _job_in(store, JobStatus.DELIVERED) for _ in range(2)]
+    (waiting,) = await add(store)
+    await store.close()
+    as_version_2(path)
+
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        counts = await store.count_by_status()
+        assert (counts[JobStatus.DELIVERED], counts[JobStatus.QUEUED]) == (len(finished), 1)
+        assert (await claim(store)).id == waiting
+        await store.record("me", [Outcome(waiting, JobStatus.FAILED, last_error="no")])
+        assert (await store.count_by_status())[JobStatus.FAILED] == 1
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == sqlite_module.SCHEMA_VERSION
+        (due,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs_due'").fetchone()
+        assert "run_at, id" in due
+    finally:
+        db.close()
+
+
+def as_version_2(path: Path) -> None:
+    """The file as version 2 left it: due indexes without ``id``, no ``job_totals``."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.executescript(
+            "DROP TRIGGER jobs_tally; DROP TRIGGER jobs_untally; DROP TABLE job_totals;"
+            " DROP INDEX jobs_due; DROP INDEX jobs_due_by_priority;"
+            f" CREATE INDEX jobs_due ON jobs (channel, run_at) WHERE {sql.WAITING};"
+            " CREATE INDEX jobs_due_by_priority ON jobs (channel, priority, run_at)"
+            f" WHERE {sql.WAITING}; PRAGMA user_version = 2;"
+        )
+    finally:
+        db.close()

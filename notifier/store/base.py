@@ -101,7 +101,8 @@ class Store(ABC):
         """Take up to ``limit`` due jobs of ``channel``: status ``sending``, attempts + 1.
 
         ``oldest`` of them are the longest-waiting due jobs; the rest go in priority order
-        (high, normal, low), each priority by due time.
+        (high, normal, low), each priority by due time. A claimed job's ``callback`` is None
+        (delivery does not read it; ``get`` does).
         """
 
     @abstractmethod

@@ -67,9 +67,13 @@ def status_in(statuses: Iterable[JobStatus], column: str = "status") -> str:
     return f"{column} IN ({values})"
 
 
-def job_columns(json_object: str) -> str:
+def job_columns(json_object: str | None) -> str:
     """``JOB_COLUMNS`` as a select list; ``callback`` is derived from the job's latest event
-    (``json_object`` names the backend's function that builds a JSON object)."""
+    (``json_object`` names the backend's function that builds a JSON object), or is NULL
+    when ``json_object`` is None: claims leave it out, delivery never reads it and it costs
+    a subquery per job."""
+    if json_object is None:
+        return ", ".join("NULL" if name == "callback" else f"jobs.{name}" for name in JOB_COLUMNS)
     latest = (
         f"(SELECT {json_object}('state', e.state, 'attempts', e.attempts,"
         " 'last_error', e.last_error) FROM events e WHERE e.job_id = jobs.id"
@@ -83,6 +87,9 @@ def job_columns(json_object: str) -> str:
         f"{callback} AS callback" if name == "callback" else f"jobs.{name}" for name in JOB_COLUMNS
     )
 
+
+#: What a claim returns: every column but the callback state.
+CLAIMED_COLUMNS = job_columns(None)
 
 WAITING = status_in(WAITING_STATUSES)
 FINAL = status_in(FINAL_STATUSES)
@@ -201,20 +208,27 @@ def claim_order(due: str, *, oldest: str | None, limit: str, lock: str = "") -> 
     (none when it is None), then due jobs in priority order, each priority by due time,
     ``limit`` in all.
 
-    ``due`` is ``FROM jobs WHERE <due work of the channel>``; each part reads its own index
-    (``jobs_due``, ``jobs_due_by_priority``) in order and stops at its limit.
+    ``due`` is ``FROM jobs WHERE <due work of the channel>``. Each priority is its own range
+    of the ``jobs_due_by_priority`` index (channel, priority, run_at, id), read in order up to
+    the limit, and the longest-waiting share one range of ``jobs_due`` (channel, run_at, id):
+    a claim reads about as many index entries as it takes, however many jobs wait for later.
+    One walk of the whole channel in priority order would step over every job not yet due
+    of a priority before reaching the next.
     """
-    by_priority = f"SELECT id {due} ORDER BY priority, run_at, id LIMIT {limit}{lock}"
+    ranks = " UNION ALL ".join(
+        f"SELECT * FROM (SELECT id, priority, run_at {due} AND priority = {p.rank}"
+        f" ORDER BY run_at, id LIMIT {limit}{lock}) AS p{p.rank}"
+        for p in Priority
+    )
     if oldest is None:
-        return by_priority
+        return f"SELECT id FROM ({ranks}) AS p ORDER BY priority, run_at, id LIMIT {limit}"
     return (
         "SELECT id FROM ("
         f"SELECT id, 0 AS part, row_number() OVER (ORDER BY run_at, id) AS rn FROM"
         f" (SELECT id, run_at {due} ORDER BY run_at, id LIMIT {oldest}{lock}) AS o"
         " UNION ALL"
-        f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM"
-        f" (SELECT id, priority, run_at {due} ORDER BY priority, run_at, id LIMIT {limit}{lock})"
-        f" AS p) AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
+        f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM ({ranks}) AS p)"
+        f" AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
     )
 
 

@@ -42,13 +42,17 @@ from notifier.settings import RecipientLimit, Settings
 from notifier.store import sql
 from notifier.store.base import Store, StoreLocked, StoreUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Purge deletes at most this many jobs per statement, so that it never holds the one
+#: writer for long: intake waits for one batch at most.
+PURGE_BATCH = 1000
 
 #: The moment now, in the epoch seconds every time column holds.
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
 #: The first ``to`` recipient in lower case, as the ``jobs_recipient`` index holds it.
 RECIPIENT = "lower(json_extract(message, '$.to[0]'))"
+FINAL_TOTALS = ", ".join(f"('{status.value}', 0)" for status in FINAL_STATUSES)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
@@ -71,13 +75,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     callback_url TEXT,
     receipts TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at) WHERE {sql.WAITING};
-CREATE INDEX IF NOT EXISTS jobs_due_by_priority ON jobs (channel, priority, run_at)
+-- Claims read these in the order they take jobs (``sql.claim_order``); ``id`` is in them
+-- because it is not the rowid, and ``status`` so that counts never read the table.
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (channel, run_at, id, status) WHERE {sql.WAITING};
+CREATE INDEX IF NOT EXISTS jobs_due_by_priority ON jobs (channel, priority, run_at, id)
     WHERE {sql.WAITING};
 CREATE INDEX IF NOT EXISTS jobs_collapse ON jobs (collapse)
     WHERE {sql.WAITING} AND collapse IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE status = 'sending';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (updated_at) WHERE {sql.FINAL};
+
+-- Finished jobs per status, kept by the triggers below: counting them never reads the
+-- ever-growing finished part of the table.
+CREATE TABLE IF NOT EXISTS job_totals (status TEXT PRIMARY KEY, n INTEGER NOT NULL);
+INSERT OR IGNORE INTO job_totals (status, n) VALUES {FINAL_TOTALS};
 
 CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY,
@@ -160,6 +171,17 @@ WHEN EXISTS (SELECT 1 FROM receipt_orphans WHERE ref = NEW.ref) BEGIN
     WHERE id = NEW.job_id;
     DELETE FROM receipt_orphans WHERE ref = NEW.ref;
 END;
+CREATE TRIGGER IF NOT EXISTS jobs_tally AFTER UPDATE OF status ON jobs
+WHEN ({sql.status_in(FINAL_STATUSES, "NEW.status")})
+    <> ({sql.status_in(FINAL_STATUSES, "OLD.status")})
+BEGIN
+    UPDATE job_totals SET n = n + 1 WHERE status = NEW.status;
+    UPDATE job_totals SET n = n - 1 WHERE status = OLD.status;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_untally AFTER DELETE ON jobs
+WHEN {sql.status_in(FINAL_STATUSES, "OLD.status")} BEGIN
+    UPDATE job_totals SET n = n - 1 WHERE status = OLD.status;
+END;
 CREATE TRIGGER IF NOT EXISTS jobs_purged AFTER DELETE ON jobs BEGIN
     DELETE FROM events WHERE job_id = OLD.id;
     DELETE FROM provider_refs WHERE job_id = OLD.id;
@@ -182,6 +204,48 @@ ADDED_COLUMNS = {
 }
 
 COLUMNS = sql.job_columns("json_object")
+
+# The statements of the hot paths, whose plans tests/test_store.py checks on a grown table.
+
+
+def _claim(oldest: bool) -> str:
+    due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
+    chosen = sql.claim_order(due, oldest="?5" if oldest else None, limit="?6")
+    return (
+        "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
+        f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
+        f" RETURNING {sql.CLAIMED_COLUMNS}"
+    )
+
+
+#: ``(owner, lease_until, now, channel, oldest, limit)``, by whether ``oldest`` is above 0.
+CLAIM = {oldest: _claim(oldest) for oldest in (False, True)}
+#: ``(now, outcomes as JSON, owner)``.
+RECORD = (
+    "UPDATE jobs SET status = o.status, last_error = o.last_error,"
+    " run_at = coalesce(o.run_at, jobs.run_at),"
+    " results = coalesce(o.results, jobs.results), updated_at = ?,"
+    " lease_owner = NULL, lease_until = NULL"
+    " FROM (SELECT json_extract(value, '$.id') AS id,"
+    " json_extract(value, '$.status') AS status,"
+    " json_extract(value, '$.last_error') AS last_error,"
+    " json_extract(value, '$.run_at') AS run_at,"
+    " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
+    " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
+    " RETURNING jobs.id"
+)
+NEXT_DUE = f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {sql.WAITING}"
+GET = f"SELECT {COLUMNS} FROM jobs WHERE id = ?"
+#: ``(cutoff, batch size)``.
+PURGE = (
+    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+    f" WHERE {sql.FINAL} AND updated_at < ? LIMIT ?)"
+)
+COUNT_BY_STATUS = (
+    f"SELECT status, count(*) FROM jobs WHERE {sql.WAITING} GROUP BY status"
+    " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
+    " UNION ALL SELECT status, n FROM job_totals"
+)
 
 
 def database_path(url: str) -> Path:
@@ -218,23 +282,43 @@ class SQLiteStore(Store):
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
                 await self._db.execute(f"PRAGMA {pragma}")
-            await self._upgrade(self._db)
+            earlier = await self._upgrade(self._db)
             await self._db.executescript(SCHEMA)
-            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if earlier is not None and earlier < 3:
+                await self._db.executescript(
+                    "BEGIN; INSERT OR REPLACE INTO job_totals (status, n)"
+                    f" SELECT status, count(*) FROM jobs WHERE {sql.FINAL} GROUP BY status;"
+                    f" PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                )
+            else:
+                await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
 
     @staticmethod
-    async def _upgrade(db: aiosqlite.Connection) -> None:
-        """Bring a file of an earlier version up to date before the schema script runs."""
+    async def _upgrade(db: aiosqlite.Connection) -> int | None:
+        """Bring a file of an earlier version up to date before the schema script runs;
+        returns the file's version, None for a new file.
+
+        Version 3 rebuilt the due indexes (with ``id``, and ``status``) under their old
+        names, and counts finished jobs in ``job_totals``, filled once from the table.
+        """
         async with db.execute("PRAGMA table_info(jobs)") as cursor:
             present = {row[1] for row in await cursor.fetchall()}
         if not present:
-            return
+            return None
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
         for name, definition in ADDED_COLUMNS.items():
             if name not in present:
                 await db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        if version < 3:
+            await db.executescript(
+                "DROP INDEX IF EXISTS jobs_due; DROP INDEX IF EXISTS jobs_due_by_priority;"
+            )
+        return version
 
     def _take_ownership(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -337,13 +421,8 @@ class SQLiteStore(Store):
         self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
         now = time.time()
-        due = f"FROM jobs WHERE channel = ?4 AND {sql.WAITING} AND run_at <= ?3"
-        chosen = sql.claim_order(due, oldest="?5" if oldest else None, limit="?6")
         rows = await self._run(
-            "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = ?1,"
-            f" lease_until = ?2, updated_at = ?3 WHERE id IN ({chosen})"
-            f" RETURNING {COLUMNS}",
-            (owner, now + lease_seconds, now, channel, oldest, limit),
+            CLAIM[oldest > 0], (owner, now + lease_seconds, now, channel, oldest, limit)
         )
         return sql.in_claim_order(ROWS.job(row) for row in rows)
 
@@ -360,20 +439,7 @@ class SQLiteStore(Store):
                 for o in outcomes
             ]
         )
-        rows = await self._run(
-            "UPDATE jobs SET status = o.status, last_error = o.last_error,"
-            " run_at = coalesce(o.run_at, jobs.run_at),"
-            " results = coalesce(o.results, jobs.results), updated_at = ?,"
-            " lease_owner = NULL, lease_until = NULL"
-            " FROM (SELECT json_extract(value, '$.id') AS id,"
-            " json_extract(value, '$.status') AS status,"
-            " json_extract(value, '$.last_error') AS last_error,"
-            " json_extract(value, '$.run_at') AS run_at,"
-            " json_extract(value, '$.results') AS results FROM json_each(?)) AS o"
-            " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = ?"
-            " RETURNING jobs.id",
-            (time.time(), payload, owner),
-        )
+        rows = await self._run(RECORD, (time.time(), payload, owner))
         applied = {row[0] for row in rows}
         unsent = [
             o for o in outcomes if o.status is not JobStatus.DELIVERED and o.job_id in applied
@@ -436,7 +502,7 @@ class SQLiteStore(Store):
         return count
 
     async def get(self, job_id: str) -> Job | None:
-        rows = await self._run(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = await self._run(GET, (job_id,))
         return ROWS.job(rows[0]) if rows else None
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -448,16 +514,13 @@ class SQLiteStore(Store):
         return ROWS.job(rows[0]) if rows else await self.get(job_id)
 
     async def next_due(self, channel: str) -> datetime | None:
-        rows = await self._run(
-            f"SELECT min(run_at) FROM jobs WHERE channel = ? AND {sql.WAITING}", (channel,)
-        )
+        rows = await self._run(NEXT_DUE, (channel,))
         value = rows[0][0] if rows else None
         return _moment(value) if value is not None else None
 
     async def count_by_status(self) -> dict[JobStatus, int]:
-        return sql.status_counts(
-            await self._run("SELECT status, count(*) FROM jobs GROUP BY status")
-        )
+        """Work in progress counted on the partial indexes, finished work from job_totals."""
+        return sql.status_counts(await self._run(COUNT_BY_STATUS))
 
     async def count_waiting(self) -> dict[tuple[str, Priority], int]:
         return sql.waiting_counts(await self._run(sql.COUNT_WAITING))
@@ -494,9 +557,13 @@ class SQLiteStore(Store):
         await self._run("DELETE FROM recipient_sends WHERE sent_at < ?", (cutoff,))
         await self._run("DELETE FROM recipient_holds WHERE until < ?", (time.time(),))
         await self._run("DELETE FROM receipt_orphans WHERE created_at < ?", (cutoff,))
-        return await self._count(
-            f"DELETE FROM jobs WHERE {sql.FINAL} AND updated_at < ?", (cutoff,)
-        )
+        total = 0
+        while True:
+            # A batch per statement: intake and claims queued meanwhile go in between.
+            deleted = await self._count(PURGE, (cutoff, PURGE_BATCH))
+            total += deleted
+            if deleted < PURGE_BATCH:
+                return total
 
     # -- traffic control ---------------------------------------------------------------------
 

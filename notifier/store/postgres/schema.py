@@ -212,6 +212,18 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         3,
+        "waiting work counted on its index",
+        """
+        -- count_by_status counts waiting jobs by status from the due index alone (an
+        -- index-only scan), never from the table: the index carries the status.
+        CREATE INDEX jobs_due_counted ON jobs (channel, run_at, id) INCLUDE (status)
+            WHERE status IN ('queued', 'retrying');
+        DROP INDEX jobs_due;
+        ALTER INDEX jobs_due_counted RENAME TO jobs_due;
+        """,
+    ),
+    Migration(
+        4,
         "dashboard searches",
         """
         -- Searches by time and by recipient (the first one, in lower case), and the failed

@@ -89,6 +89,64 @@ COLUMNS = sql.job_columns("json_build_object")
 RECIPIENT = "lower(message -> 'to' ->> 0)"
 
 
+# The statements of the hot paths, whose plans tests/test_postgres.py checks on a grown table.
+
+
+def _claim(oldest: bool) -> str:
+    due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
+    lock = " FOR UPDATE SKIP LOCKED"
+    chosen = sql.claim_order(due, oldest="$5" if oldest else None, limit="$4", lock=lock)
+    return (
+        "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
+        " lease_until = now() + make_interval(secs => $3), updated_at = now()"
+        f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
+        f" RETURNING {sql.CLAIMED_COLUMNS}"
+    )
+
+
+#: ``(channel, owner, lease seconds, limit[, oldest])``, by whether ``oldest`` is above 0.
+CLAIM = {oldest: _claim(oldest) for oldest in (False, True)}
+#: ``(ids, statuses, errors, run_ats, results as JSON, owner, shard)``, one round trip.
+RECORD = (
+    "WITH done AS (UPDATE jobs SET status = o.status, last_error = o.last_error,"
+    " run_at = coalesce(o.run_at, jobs.run_at),"
+    " results = coalesce(o.results::jsonb, jobs.results), updated_at = now(),"
+    " lease_owner = NULL, lease_until = NULL"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
+    " AS o(id, status, last_error, run_at, results)"
+    " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = $6"
+    " RETURNING jobs.id, jobs.status, jobs.channel, o.results), "
+    # The provider ids of delivered recipients, for receipts to find their job
+    # (email bounces find it by Message-ID).
+    "refs AS (INSERT INTO provider_refs (ref, job_id, recipient)"
+    " SELECT d.value, done.id, d.key FROM done"
+    " CROSS JOIN LATERAL jsonb_each_text(done.results::jsonb -> 'delivered') AS d"
+    " WHERE done.channel <> 'email' AND d.value IS NOT NULL ON CONFLICT DO NOTHING), "
+    + TALLY.format(shard="$7::smallint", source="done", sign="")
+    + " SELECT id FROM done"
+)
+NEXT_DUE = f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}"
+GET = f"SELECT {COLUMNS} FROM jobs WHERE id = $1"
+COUNT_BY_STATUS = (
+    f"SELECT status, count(*) AS n FROM jobs WHERE {sql.WAITING} GROUP BY status"
+    " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
+    " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
+)
+#: One batch: ``(cutoff, batch size, shard)``; the count of jobs it deleted. Oldest first,
+#: in the finished index's order: a scan of the table from its start would step over the
+#: rows earlier batches left dead, more with every batch.
+PURGE = (
+    "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
+    f"SELECT id FROM jobs WHERE {sql.FINAL} AND updated_at < $1"
+    " ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING id, status),"
+    " events_gone AS (DELETE FROM events WHERE job_id IN (SELECT id FROM purged)),"
+    " refs_gone AS (DELETE FROM provider_refs"
+    " WHERE job_id IN (SELECT id FROM purged)), "
+    + TALLY.format(shard="$3::smallint", source="purged", sign="-")
+    + " SELECT count(*) FROM purged"
+)
+
+
 def _count(status: str) -> int:
     """Rows touched, from a command tag such as ``UPDATE 3``."""
     return int(status.rsplit(" ", 1)[-1])
@@ -328,15 +386,9 @@ class PostgresStore(Store):
     async def claim(
         self, channel: str, *, owner: str, limit: int, lease_seconds: float, oldest: int = 0
     ) -> list[Job]:
-        due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
-        lock = " FOR UPDATE SKIP LOCKED"
-        chosen = sql.claim_order(due, oldest="$5" if oldest else None, limit="$4", lock=lock)
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
-                " lease_until = now() + make_interval(secs => $3), updated_at = now()"
-                f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
-                f" RETURNING {COLUMNS}",
+                CLAIM[oldest > 0],
                 channel,
                 owner,
                 lease_seconds,
@@ -348,22 +400,7 @@ class PostgresStore(Store):
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> list[bool]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "WITH done AS (UPDATE jobs SET status = o.status, last_error = o.last_error,"
-                " run_at = coalesce(o.run_at, jobs.run_at),"
-                " results = coalesce(o.results::jsonb, jobs.results), updated_at = now(),"
-                " lease_owner = NULL, lease_until = NULL"
-                " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
-                " AS o(id, status, last_error, run_at, results)"
-                " WHERE jobs.id = o.id AND jobs.status = 'sending' AND jobs.lease_owner = $6"
-                " RETURNING jobs.id, jobs.status, jobs.channel, o.results), "
-                # The provider ids of delivered recipients, for receipts to find their job
-                # (email bounces find it by Message-ID).
-                "refs AS (INSERT INTO provider_refs (ref, job_id, recipient)"
-                " SELECT d.value, done.id, d.key FROM done"
-                " CROSS JOIN LATERAL jsonb_each_text(done.results::jsonb -> 'delivered') AS d"
-                " WHERE done.channel <> 'email' AND d.value IS NOT NULL ON CONFLICT DO NOTHING), "
-                + TALLY.format(shard="$7::smallint", source="done", sign="")
-                + " SELECT id FROM done",
+                RECORD,
                 [o.job_id for o in outcomes],
                 [o.status.value for o in outcomes],
                 [o.last_error for o in outcomes],
@@ -531,7 +568,7 @@ class PostgresStore(Store):
 
     async def get(self, job_id: str) -> Job | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+            row = await conn.fetchrow(GET, job_id)
         return ROWS.job(row) if row is not None else None
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -546,24 +583,18 @@ class PostgresStore(Store):
                 self._shard,
             )
             if row is None:
-                row = await conn.fetchrow(f"SELECT {COLUMNS} FROM jobs WHERE id = $1", job_id)
+                row = await conn.fetchrow(GET, job_id)
         return ROWS.job(row) if row is not None else None
 
     async def next_due(self, channel: str) -> datetime | None:
         async with self._connection() as conn:
-            due: datetime | None = await conn.fetchval(
-                f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}", channel
-            )
+            due: datetime | None = await conn.fetchval(NEXT_DUE, channel)
         return due
 
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Work in progress counted on the partial indexes, finished work from job_totals."""
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT status, count(*) AS n FROM jobs WHERE {sql.WAITING} GROUP BY status"
-                " UNION ALL SELECT 'sending', count(*) FROM jobs WHERE status = 'sending'"
-                " UNION ALL SELECT status, sum(n) FROM job_totals GROUP BY status"
-            )
+            rows = await conn.fetch(COUNT_BY_STATUS)
         return sql.status_counts(rows)
 
     async def count_waiting(self) -> dict[tuple[str, Priority], int]:
@@ -613,14 +644,7 @@ class PostgresStore(Store):
         while True:
             async with self._connection() as conn:
                 deleted: int = await conn.fetchval(
-                    "WITH purged AS (DELETE FROM jobs WHERE id = ANY(ARRAY("
-                    f"SELECT id FROM jobs WHERE {sql.FINAL} AND updated_at < $1"
-                    " LIMIT $2 FOR UPDATE SKIP LOCKED)) RETURNING id, status),"
-                    " events_gone AS (DELETE FROM events WHERE job_id IN (SELECT id FROM purged)),"
-                    " refs_gone AS (DELETE FROM provider_refs"
-                    " WHERE job_id IN (SELECT id FROM purged)), "
-                    + TALLY.format(shard="$3::smallint", source="purged", sign="-")
-                    + " SELECT count(*) FROM purged",
+                    PURGE,
                     before,
                     PURGE_BATCH,
                     self._shard,

@@ -11,22 +11,19 @@ order, and the server waits for the answers in that order. A send costs no task 
 request would add about a tenth to intake's CPU time) and no future of its own: its answer
 waits on the intake's future. ping and auth are answered at once; the other ops run as tasks.
 
-The admin ops that requeue or delete (``retry``, ``purge``, ``unsuppress``) are limited per
-token (``NOTIFIER_ADMIN_RATE_LIMIT``): a leaked token or a runaway script can then churn the
-queue only so fast, and the refusal is ``rate_limited`` with nothing done.
+The admin ops that requeue or delete (``retry``, ``purge``, ``unsuppress``) pass the per-token
+``admin.AdminLimit`` first, the one the dashboard's buttons pass too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
-import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
-from notifier.admin import cancel_job, found, retry_job
-from notifier.errors import InvalidRequest, RateLimited, Unavailable
+from notifier.admin import AdminLimit, cancel_job, found, retry_job
+from notifier.errors import InvalidRequest, Unavailable
 from notifier.intake import Intake
 from notifier.models import Enqueued, utcnow
 from notifier.protocol import (
@@ -39,9 +36,8 @@ from notifier.protocol import (
     SuppressionsRequest,
     SuppressRequest,
 )
-from notifier.receipts import AddressBuckets
-from notifier.settings import RecipientLimit
 from notifier.store import Store, StoreUnavailable
+from notifier.tokens import ANYONE
 
 Fields = dict[str, Any]
 #: An op's implementation: the request model ``protocol`` parses for that op (typed ``Any``
@@ -114,17 +110,11 @@ class Handler:
         *,
         intake: Intake,
         store: Store,
-        admin_limit: RecipientLimit | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        admin_limit: AdminLimit | None = None,
     ) -> None:
         self.intake = intake
         self.store = store
-        self.admin_limit = admin_limit
-        self._admin_buckets = (
-            AddressBuckets(admin_limit.count / admin_limit.seconds, admin_limit.count, clock=clock)
-            if admin_limit is not None
-            else None
-        )
+        self.admin_limit = admin_limit or AdminLimit(None)
         self._routes: dict[str, Route] = {
             "send": self._send,
             "status": self._status,
@@ -139,23 +129,13 @@ class Handler:
             "unsuppress": self._unsuppress,
         }
 
-    def handle(self, request: Request, *, caller: str = "anyone") -> Started:
+    def handle(self, request: Request, *, caller: str = ANYONE) -> Started:
         """Start ``request``; awaiting the result gives the answer's fields (without ``ok``
         and ``ref``) or raises a NotifierError. A send that is refused, or an admin op over
         ``caller``'s limit, raises here, at once."""
         if request.op in LIMITED_OPS:
-            self._admit(request.op, caller)
+            self.admin_limit.admit(request.op, caller)
         return self._routes[request.op](request)
-
-    def _admit(self, op: str, caller: str) -> None:
-        if self._admin_buckets is None:
-            return
-        wait = self._admin_buckets.wait(caller)
-        if wait:
-            raise RateLimited(
-                f"{op}: {caller} went over {self.admin_limit} retry, purge and unsuppress ops"
-                f" (NOTIFIER_ADMIN_RATE_LIMIT); nothing was done, try again in {math.ceil(wait)}s"
-            )
 
     def _send(self, request: SendRequest) -> _Sent:
         return _Sent(self.intake.put(request))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hmac
 import logging
 import ssl
 import time
@@ -47,6 +46,7 @@ from notifier.protocol import (
     parse_request,
 )
 from notifier.settings import Settings
+from notifier.tokens import ANYONE, Tokens
 
 log = logging.getLogger("notifier.server")
 
@@ -122,7 +122,7 @@ class _Connection:
     bucket: _TokenBucket | None = None
     peer_gone: bool = False
     #: Which token authenticated the connection, for per-token limits; no tokens, no name.
-    caller: str = "anyone"
+    caller: str = ANYONE
 
 
 class Server:
@@ -130,7 +130,7 @@ class Server:
         self.settings = settings
         self.metrics = metrics
         self.handler = handler
-        self._tokens = [t.get_secret_value().encode() for t in settings.auth_tokens]
+        self._tokens = Tokens(settings.auth_tokens)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._closing = False
@@ -221,7 +221,7 @@ class Server:
             return
         connection = _Connection(
             peer=peer,
-            authenticated=not self._tokens,
+            authenticated=not self._tokens.required,
             answers=asyncio.Queue(self.settings.max_pipeline),
             task=asyncio.current_task(),
             bucket=_TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
@@ -329,20 +329,13 @@ class Server:
     def _authorize(self, connection: _Connection, request: Request) -> None:
         if connection.authenticated or isinstance(request, PingRequest):
             return
-        if request.token is not None and (number := self._token_number(request.token)):
+        if request.token is not None and (caller := self._tokens.caller(request.token)):
             connection.authenticated = True
-            connection.caller = f"token {number}"
+            connection.caller = caller
             return
         if isinstance(request, AuthRequest):
             raise Unauthorized("token: not valid")
         raise Unauthorized('authenticate first: send {"op": "auth", "token": ...}')
-
-    def _token_number(self, token: str) -> int | None:
-        """Which configured token this is, counting from 1; every one compared, each in
-        constant time, so the timing tells nothing of which matched."""
-        given = token.encode()
-        matches = [hmac.compare_digest(given, known) for known in self._tokens]
-        return matches.index(True) + 1 if any(matches) else None
 
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
         """Write answers in order, coalescing the ones that are ready into one write (a syscall

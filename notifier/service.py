@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+from notifier.admin import AdminLimit
 from notifier.bounces import Bounce, BounceReader
 from notifier.callbacks import Callbacks
 from notifier.channels import Channel
@@ -80,6 +81,8 @@ class Service:
         self.templates = Templates(settings.templates_dir)
         self.channels: dict[str, Channel] = {}
         self.metrics = Metrics()
+        #: One limit for the admin ops, whether they come over TCP or from the dashboard.
+        self.admin_limit = AdminLimit(settings.admin_rate_limit)
         self.ops: HTTPServer | None = None
         self._stack = contextlib.AsyncExitStack()
         self._stop_requested = asyncio.Event()
@@ -108,7 +111,7 @@ class Service:
                 handler=Handler(
                     intake=self.intake,
                     store=self.store,
-                    admin_limit=self.settings.admin_rate_limit,
+                    admin_limit=self.admin_limit,
                 ),
                 metrics=self.metrics,
             )
@@ -168,6 +171,7 @@ class Service:
             self.store,
             self.metrics,
             tokens=self.settings.auth_tokens,
+            admin_limit=self.admin_limit,
             circuits=[c for channel in self.channels.values() for c in channel.circuits],
         )
         app = OpsApp(self.store, self.metrics, lambda: self.server.accepting, dashboard)

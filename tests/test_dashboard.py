@@ -21,11 +21,13 @@ import pytest
 from playwright.async_api import Page, async_playwright
 from pydantic import SecretStr
 
+from notifier.admin import AdminLimit
 from notifier.dashboard import Dashboard
 from notifier.dashboard.sessions import Session, Sessions
 from notifier.metrics import Metrics
 from notifier.models import JobStatus, Message, NewJob, Outcome, Priority, utcnow
 from notifier.ops import OpsApp
+from notifier.settings import RecipientLimit
 from notifier.store import Store, open_store
 from tests.support.http_sink import HTTPSink, Reply
 from tests.support.server import LineConnection, free_port, isolated_settings, running_server
@@ -41,7 +43,7 @@ needs_chromium = pytest.mark.skipif(
 
 @asynccontextmanager
 async def dashboard(
-    tmp_path: Path, tokens: str = ""
+    tmp_path: Path, tokens: str = "", admin_limit: AdminLimit | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Store]]:
     """The operations app with its dashboard over a real SQLite store, called in process."""
     settings = isolated_settings(tmp_path, auth_tokens=tokens)
@@ -52,7 +54,9 @@ async def dashboard(
         store,
         metrics,
         lambda: True,
-        Dashboard(store, metrics, tokens=settings.auth_tokens, circuits=[]),
+        Dashboard(
+            store, metrics, tokens=settings.auth_tokens, admin_limit=admin_limit, circuits=[]
+        ),
     )
     transport = httpx.ASGITransport(app=app)
     try:
@@ -225,12 +229,29 @@ async def test_the_overview_counts_the_queue_the_hour_and_the_callbacks(tmp_path
         assert re.search(r'id="callback-backlog">1<', page), "the cancelled job's final event"
 
 
+async def test_the_retry_button_passes_the_same_per_token_limit_as_the_protocol(
+    tmp_path: Path,
+) -> None:
+    """One limit per token for retries, whichever surface they come through: a retry over TCP
+    with token 1 uses up the dashboard's too, and a refusal does nothing."""
+    limit = AdminLimit(RecipientLimit(1, 3600.0))
+    async with dashboard(tmp_path, tokens=TOKEN, admin_limit=limit) as (http, store):
+        job_id = await failed_job(store)
+        await sign_in(http)
+        limit.admit("retry", "token 1")
+        page = await http.get(f"/jobs/{job_id}")
+        refused = await http.post(f"/jobs/{job_id}/retry", data={"csrf": csrf_of(page.text)})
+        assert refused.status_code == 429 and "token 1 went over" in refused.text
+        assert TOKEN not in refused.text
+        assert await status_of(store, job_id) == JobStatus.FAILED, "nothing done"
+
+
 def test_a_session_cookie_is_good_for_its_max_age_and_this_process_only() -> None:
     now = [1000.0]
     sessions = Sessions([SecretStr(TOKEN)], max_age=60, clock=lambda: now[0])
-    session = sessions.start(signed_in=True)
+    session = sessions.start(caller="token 1")
     cookie = sessions.cookie(session)
-    assert sessions.read(cookie) == Session(session.id, signed_in=True)
+    assert sessions.read(cookie) == Session(session.id, caller="token 1")
     now[0] += 61
     assert sessions.read(cookie) is None, "too old"
     now[0] -= 61

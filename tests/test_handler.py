@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from notifier.admin import AdminLimit
 from notifier.errors import InvalidRequest, NotFound, RateLimited, Unavailable, UnknownChannel
 from notifier.handler import LIMITED_OPS, Handler
 from notifier.intake import Intake
@@ -238,7 +239,9 @@ def clock() -> Clock:
 async def limited(handler: Handler, store: Store, clock: Clock) -> Handler:
     """The handler with at most 2 requeues or deletes per token per minute."""
     return Handler(
-        intake=handler.intake, store=store, admin_limit=RecipientLimit(2, 60.0), clock=clock
+        intake=handler.intake,
+        store=store,
+        admin_limit=AdminLimit(RecipientLimit(2, 60.0), clock=clock),
     )
 
 

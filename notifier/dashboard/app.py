@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from notifier.admin import cancel_job, found, retry_job
+from notifier.admin import AdminLimit, cancel_job, found, retry_job
 from notifier.channels.circuit import CircuitBreaker
 from notifier.dashboard import chart
 from notifier.dashboard.sessions import COOKIE, MAX_AGE, Session, Sessions
@@ -30,12 +30,17 @@ from notifier.errors import ErrorCode, InvalidRequest, NotifierError
 from notifier.metrics import Metrics
 from notifier.models import JobSearch, JobStatus, Priority, isoformat, utcnow
 from notifier.store import Store, StoreUnavailable
+from notifier.tokens import ANYONE
 
 GET = ["GET", "HEAD"]
 POST = ["POST"]
 #: Most jobs one search or list shows.
 PAGE = 100
-_HTTP_STATUS = {ErrorCode.NOT_FOUND: 404, ErrorCode.INVALID_REQUEST: 400}
+_HTTP_STATUS = {
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.RATE_LIMITED: 429,
+}
 #: The jobs page's search form, as ``search_of`` reads it.
 _SEARCH_FIELDS = ("id", "recipient", "key", "status", "from", "until")
 
@@ -43,7 +48,8 @@ Context = dict[str, Any]
 #: A page: the request to its template's name and context.
 View = Callable[[Request], Awaitable[tuple[str, Context]]]
 #: A POST on a job: the request and job id to where the browser goes next.
-Action = Callable[[Request, str], Awaitable[str]]
+#: A button's work: who pressed it (the session's caller) and the job; where to go next.
+Action = Callable[[str, str], Awaitable[str]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -132,11 +138,13 @@ class Dashboard:
         metrics: Metrics,
         *,
         tokens: Sequence[SecretStr],
+        admin_limit: AdminLimit | None = None,
         circuits: Sequence[CircuitBreaker],
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.circuits = circuits
+        self.admin_limit = admin_limit or AdminLimit(None)
         self.sessions = Sessions(tokens)
         self._templates = Environment(
             loader=PackageLoader("notifier.dashboard"),
@@ -166,7 +174,7 @@ class Dashboard:
 
     def _session(self, request: Request) -> Session:
         found_session = self.sessions.read(request.cookies.get(COOKIE))
-        return found_session or self.sessions.start(signed_in=False)
+        return found_session or self.sessions.start(caller=None)
 
     def _keep(self, response: Response, request: Request, session: Session) -> Response:
         if session.new:
@@ -227,7 +235,7 @@ class Dashboard:
                     403,
                 )
             try:
-                where = await action(request, request.path_params["job_id"])
+                where = await action(session.caller or ANYONE, request.path_params["job_id"])
             except (NotifierError, StoreUnavailable) as exc:
                 return self._problem(request, session, exc)
             return RedirectResponse(where, 303)
@@ -247,11 +255,12 @@ class Dashboard:
         if not self.sessions.csrf_ok(session, csrf if isinstance(csrf, str) else None):
             message = "csrf: the form is stale or not from this session; reload it"
             return self._render(request, session, "login.html", {"message": message}, 403)
-        if not isinstance(token, str) or not self.sessions.token_ok(token):
+        caller = self.sessions.caller(token) if isinstance(token, str) else None
+        if caller is None:
             return self._render(
                 request, session, "login.html", {"message": "token: not valid"}, 401
             )
-        signed_in = self.sessions.start(signed_in=True)
+        signed_in = self.sessions.start(caller=caller)
         return self._keep(RedirectResponse("/", 303), request, signed_in)
 
     async def _logout(self, request: Request) -> Response:
@@ -262,7 +271,7 @@ class Dashboard:
             return self._render(
                 request, session, "problem.html", {"message": "csrf: reload the page"}, 403
             )
-        anonymous = self.sessions.start(signed_in=False)
+        anonymous = self.sessions.start(caller=None)
         return self._keep(RedirectResponse("/login", 303), request, anonymous)
 
     # -- pages -------------------------------------------------------------------------------
@@ -301,10 +310,11 @@ class Dashboard:
 
     # -- actions -----------------------------------------------------------------------------
 
-    async def _retry(self, request: Request, job_id: str) -> str:
+    async def _retry(self, caller: str, job_id: str) -> str:
+        self.admin_limit.admit("retry", caller)
         await retry_job(self.store, job_id)
         return f"/jobs/{job_id}"
 
-    async def _cancel(self, request: Request, job_id: str) -> str:
+    async def _cancel(self, caller: str, job_id: str) -> str:
         await cancel_job(self.store, job_id)
         return f"/jobs/{job_id}"

@@ -1,8 +1,10 @@
 """Signed session cookies and the CSRF tokens tied to them.
 
 The key is made per process and never stored: a restart signs everyone out, and no secret
-needs configuring. A cookie is ``id.signed_in.issued.signature``; the CSRF token of a session
-is an HMAC of its id, so a form is only good for the session that rendered it.
+needs configuring. A cookie is ``id.caller.issued.signature``, the caller being the name of
+the token signed in with (``token2``: its place in the list, never its value) or ``-``; the
+CSRF token of a session is an HMAC of its id, so a form is only good for the session that
+rendered it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
+from notifier.tokens import ANYONE, Tokens
+
 COOKIE = "notifier_session"
 #: How long a session lasts after sign-in.
 MAX_AGE = 12 * 3600
@@ -25,9 +29,14 @@ MAX_AGE = 12 * 3600
 @dataclass(frozen=True, slots=True)
 class Session:
     id: str
-    signed_in: bool
+    #: Who signed in (``"token 2"``; ``ANYONE`` when no token is asked for), None if no one.
+    caller: str | None
     #: Set when this request made the session: the response must carry its cookie.
     new: bool = False
+
+    @property
+    def signed_in(self) -> bool:
+        return self.caller is not None
 
 
 class Sessions:
@@ -38,7 +47,7 @@ class Sessions:
         max_age: float = MAX_AGE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tokens = [token.get_secret_value().encode() for token in tokens]
+        self._tokens = Tokens(tokens)
         self._key = secrets.token_bytes(32)
         self._max_age = max_age
         self._clock = clock
@@ -46,19 +55,19 @@ class Sessions:
     @property
     def required(self) -> bool:
         """Whether signing in is needed: only when the service itself asks for a token."""
-        return bool(self._tokens)
+        return self._tokens.required
 
-    def token_ok(self, token: str) -> bool:
-        """Constant-time against every configured token, as the protocol server compares."""
-        given = token.encode()
-        return any([hmac.compare_digest(given, known) for known in self._tokens])
+    def caller(self, token: str) -> str | None:
+        """Which token this is (compared as the protocol server compares), None if none."""
+        return self._tokens.caller(token)
 
-    def start(self, *, signed_in: bool) -> Session:
+    def start(self, *, caller: str | None) -> Session:
         """A new session (a fresh id at sign-in, so an id seen before it is worth nothing)."""
-        return Session(secrets.token_urlsafe(18), signed_in or not self.required, new=True)
+        return Session(secrets.token_urlsafe(18), self._effective(caller), new=True)
 
     def cookie(self, session: Session) -> str:
-        body = f"{session.id}.{int(session.signed_in)}.{int(self._clock())}"
+        name = (session.caller or "-").replace(" ", "")
+        body = f"{session.id}.{name}.{int(self._clock())}"
         return f"{body}.{self._sign(body)}"
 
     def read(self, cookie: str | None) -> Session | None:
@@ -68,10 +77,14 @@ class Sessions:
         body, signature = cookie.rsplit(".", 1)
         if not hmac.compare_digest(signature, self._sign(body)):
             return None
-        session_id, signed_in, issued = body.split(".")
+        session_id, name, issued = body.split(".")
         if not issued.isdigit() or self._clock() - int(issued) > self._max_age:
             return None
-        return Session(session_id, signed_in == "1" or not self.required)
+        caller = f"token {name[len('token') :]}" if name.startswith("token") else None
+        return Session(session_id, self._effective(caller))
+
+    def _effective(self, caller: str | None) -> str | None:
+        return caller if self.required else ANYONE
 
     def csrf(self, session: Session) -> str:
         return self._sign(f"csrf:{session.id}")

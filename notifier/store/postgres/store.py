@@ -7,7 +7,8 @@ What keeps it a good job queue where many are not:
 - Claims take a batch with ``FOR UPDATE SKIP LOCKED`` from a partial index that holds only
   waiting work, in the index's own order, so instances never block each other and the plan
   does not depend on fresh statistics. No transaction stays open during a delivery.
-- Takeover is by liveness, not by age: each instance heartbeats every second, and
+- Takeover is by liveness, not by age: each instance heartbeats every second (from a thread
+  with its own connection, so a busy event loop or a busy pool does not stop it), and
   one instance at a time (an advisory lock) requeues the work of instances whose heartbeat
   stopped, and work whose lease ran out. A live instance extends the leases of its slow
   deliveries, so they are never rescued while they still run.
@@ -51,6 +52,7 @@ from notifier.settings import RecipientLimit, Settings
 from notifier.store import sql
 from notifier.store.base import Store, StoreUnavailable
 from notifier.store.postgres import schema
+from notifier.store.postgres.heartbeat import BEAT, Heartbeat
 from notifier.store.postgres.listener import Listener
 
 if TYPE_CHECKING:
@@ -191,6 +193,7 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._listener: Listener | None = None
         self._owner: str | None = None
+        self._heart: Heartbeat | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._shard = random.randrange(TOTAL_SHARDS)
 
@@ -235,6 +238,10 @@ class PostgresStore(Store):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._liveness
             self._liveness = None
+        if self._heart is not None:
+            # Before retiring: a late beat would put the instance back in the table.
+            await self._heart.stop(self._timeout + self.settings.heartbeat_interval)
+            self._heart = None
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
@@ -479,50 +486,41 @@ class PostgresStore(Store):
     # -- liveness ----------------------------------------------------------------------------
 
     async def recover(self, *, owner: str) -> int:
-        """Start heartbeating for ``owner`` and reaping for everyone (once now, then every
-        ``heartbeat_interval``); work of live instances is left alone."""
+        """Start heartbeating for ``owner`` (once now, then from the heartbeat's thread) and
+        reaping for everyone (once now, then every ``heartbeat_interval``); work of live
+        instances is left alone."""
         self._owner = owner
-        await self._heartbeat(owner)
+        async with self._connection() as conn:
+            await conn.fetchval(BEAT, owner)
         count = await self._reap()
-        if self._liveness is None:
-            self._liveness = asyncio.create_task(self._keep_alive(), name="postgres-liveness")
+        if self._heart is None:
+            options = connect_options(self.settings)
+            self._heart = Heartbeat(
+                lambda: asyncpg.connect(**options),
+                owner,
+                interval=self.settings.heartbeat_interval,
+                dead_after=self.settings.instance_dead_after,
+                errors=DATABASE_ERRORS,
+            )
+            self._heart.start()
+            self._liveness = asyncio.create_task(
+                self._keep_alive(self._heart), name="postgres-liveness"
+            )
         return count
 
-    async def _keep_alive(self) -> None:
-        """Heartbeat and reap every ``heartbeat_interval``. After an outage nobody could
-        heartbeat through, every instance looks dead for a moment: reaping waits until the
-        others had ``instance_dead_after`` to beat again, so none is reaped for the outage."""
-        loop = asyncio.get_running_loop()
-        reachable_since: float | None = loop.time()
+    async def _keep_alive(self, heart: Heartbeat) -> None:
+        """Reap every ``heartbeat_interval``. After an outage nobody could heartbeat through,
+        every instance looks dead for a moment: reaping waits until the others had
+        ``instance_dead_after`` to beat again (as long as this instance's heartbeat has been
+        getting through), so none is reaped for the outage."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
+            if heart.reachable_for() < self.settings.instance_dead_after:
+                continue
             try:
-                if self._owner is not None:
-                    await self._heartbeat(self._owner)
-                if reachable_since is None:
-                    log.info("heartbeat: store reachable again")
-                    reachable_since = loop.time()
-                if loop.time() - reachable_since >= self.settings.instance_dead_after:
-                    await self._reap()
+                await self._reap()
             except StoreUnavailable as exc:
-                if reachable_since is not None:
-                    log.warning("heartbeat: store unavailable: %s", exc)
-                reachable_since = None
-
-    async def _heartbeat(self, owner: str) -> None:
-        async with self._connection() as conn:
-            first = await conn.fetchval(
-                "INSERT INTO instances (owner) VALUES ($1) ON CONFLICT (owner)"
-                " DO UPDATE SET heartbeat_at = now() RETURNING started_at = heartbeat_at",
-                owner,
-            )
-        if first and self._liveness is not None:
-            log.warning(
-                "instance %s was presumed dead (no heartbeat for %gs): its deliveries in"
-                " flight were handed to other instances and may be sent twice",
-                owner,
-                self.settings.instance_dead_after,
-            )
+                log.debug("reaping: store unavailable: %s", exc)
 
     async def _reap(self) -> int:
         """Requeue the work of dead instances and of run-out leases; one reaper at a time."""

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -29,6 +32,7 @@ from tests.support.waiting import wait_for
 from tests.test_store import LONG, new_job
 
 pytestmark = pytest.mark.postgres
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -317,8 +321,99 @@ async def test_heartbeats_keep_coming_and_stop_at_close(stores: Any, postgres_ur
         return bool(await query(postgres_url, beat) > first)
 
     await wait_for(beat_again, what="a second heartbeat")
+    assert HEARTBEAT_THREAD in _thread_names()
     await store.close()
     assert await query(postgres_url, beat) is None
+    assert HEARTBEAT_THREAD not in _thread_names(), "the heartbeat's thread outlived the store"
+
+
+HEARTBEAT_THREAD = "postgres-heartbeat"
+#: Fast beats for the liveness tests; an instance is dead after 1.5 s without one.
+BEATING = {"heartbeat_interval": 0.25, "instance_dead_after": 1.5}
+#: The heartbeat age (in seconds) of ``$1``, by the database's clock.
+HEARTBEAT_AGE = (
+    "SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM instances WHERE owner = $1"
+)
+
+
+def _thread_names() -> set[str]:
+    return {thread.name for thread in threading.enumerate()}
+
+
+def _on_another_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a loop of its own in another thread; the caller's loop stays blocked
+    until it is done."""
+    with ThreadPoolExecutor(1) as executor:
+        return executor.submit(asyncio.run, coro).result(timeout=30)
+
+
+async def _reap_as_another_instance(tmp_path: Path, url: str) -> int:
+    """What a second instance starting now takes over."""
+    store = PostgresStore.from_settings(isolated_settings(tmp_path, database_url=url, **BEATING))
+    await store.open()
+    try:
+        return await store.recover(owner="another")
+    finally:
+        await store.close()
+
+
+async def _holder(url: str, job_id: str) -> str | None:
+    """Who holds the job in flight, if anyone."""
+    owner: str | None = await query(
+        url, "SELECT lease_owner FROM jobs WHERE id = $1 AND status = 'sending'", job_id
+    )
+    return owner
+
+
+async def test_the_heartbeat_goes_on_while_the_event_loop_is_blocked(
+    stores: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    busy = await stores(**BEATING)
+    await busy.recover(owner="busy")
+    await busy.enqueue([new_job()])
+    (job,) = await busy.claim("sms", owner="busy", limit=1, lease_seconds=LONG)
+    before = await query(postgres_url, HEARTBEAT_AGE, "busy")
+    # The fault: the loop does nothing else for twice the time that declares an instance dead.
+    time.sleep(2 * BEATING["instance_dead_after"])
+    # Still blocked: how the busy instance looks to the database and to another instance.
+    age = _on_another_loop(query(postgres_url, HEARTBEAT_AGE, "busy"))
+    taken = _on_another_loop(_reap_as_another_instance(tmp_path, postgres_url))
+    assert before is not None and age is not None
+    assert age < BEATING["instance_dead_after"], f"no heartbeat for {age:.2f}s"
+    assert taken == 0
+    assert await _holder(postgres_url, job.id) == "busy"
+
+
+async def test_the_heartbeat_goes_on_while_every_pooled_connection_is_held(
+    stores: Any, postgres_url: str
+) -> None:
+    busy = await stores(database_pool_size=2, database_statement_timeout=1.0, **BEATING)
+    await busy.recover(owner="busy")
+    await busy.enqueue([new_job()])
+    (job,) = await busy.claim("sms", owner="busy", limit=1, lease_seconds=LONG)
+    assert busy._pool is not None
+    taken = [await busy._pool.acquire() for _ in range(2)]
+    try:
+        exhausted_at = await query(postgres_url, "SELECT now()")
+        beat = (
+            "SELECT heartbeat_at > $1::timestamptz + make_interval(secs => $2)"
+            " FROM instances WHERE owner = $3"
+        )
+
+        async def beating_long_after() -> bool:
+            return bool(
+                await query(
+                    postgres_url, beat, exhausted_at, 2 * BEATING["instance_dead_after"], "busy"
+                )
+            )
+
+        await wait_for(beating_long_after, what="heartbeats while the pool is exhausted")
+        other = await stores(**BEATING)
+        assert await other.recover(owner="other") == 0
+    finally:
+        for connection in taken:
+            await busy._pool.release(connection)
+    assert await _holder(postgres_url, job.id) == "busy"
 
 
 async def test_close_gives_back_what_the_instance_still_holds(stores: Any) -> None:

@@ -258,24 +258,36 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _connection(self, *, transaction: bool = False) -> AsyncIterator[AnyConnection]:
-        """A pooled connection (in a transaction if asked), database errors translated."""
+        """A pooled connection (in a transaction if asked), database errors translated.
+
+        A session that found the database read-only (a standby after a failover, or
+        ``default_transaction_read_only`` set) stays so until it reconnects: it is closed,
+        not pooled, so writes resume as soon as the database takes them again."""
         if self._pool is None:
             raise StoreUnavailable("the store is not open")
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                if transaction:
-                    async with conn.transaction():
+                try:
+                    if transaction:
+                        async with conn.transaction():
+                            yield conn
+                    else:
                         yield conn
-                else:
-                    yield conn
+                except asyncpg.ReadOnlySQLTransactionError:
+                    conn.terminate()
+                    raise
         except DATABASE_ERRORS as exc:
             raise StoreUnavailable(f"postgresql: {exc}") from exc
 
     async def ping(self) -> None:
-        # Taking a transaction id commits a WAL record: a read-only server (a standby, a
-        # full disk) refuses it where it would still answer a plain read.
+        # Taking a transaction id commits a WAL record: a standby or a full disk refuses it
+        # where it would still answer a plain read. A read-only transaction hands one out,
+        # but refuses the (empty) write.
         async with self._connection() as conn:
-            await conn.fetchval("SELECT txid_current()")
+            await conn.fetchval(
+                "WITH touch AS (UPDATE instances SET heartbeat_at = heartbeat_at WHERE false)"
+                " SELECT txid_current()"
+            )
 
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:

@@ -6,5 +6,6 @@ pytest_plugins: list[str] = [
     "tests.support.postgres",
     "tests.support.dovecot",
     "tests.support.tmpfs",
+    "tests.support.readonly",
     "tests.support.pgcluster",
 ]

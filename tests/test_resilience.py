@@ -1,4 +1,5 @@
-"""The service when its store fails under it: a full disk, PostgreSQL connections that die,
+"""The service when its store fails under it: a full disk, a database made read-only,
+PostgreSQL connections that die,
 a claim whose answer is lost, an instance killed while the others work.
 
 What must hold every time: no ``ok`` for a job that was not stored, nothing accepted lost,
@@ -12,6 +13,7 @@ import json
 import signal
 import threading
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,11 @@ from notifier.store.postgres import PostgresStore
 from tests.support.http_sink import HTTPSink, Recorded, Reply
 from tests.support.pgcluster import Cluster
 from tests.support.pgproxy import answer_losing_proxy
-from tests.support.postgres import fetchval
+from tests.support.postgres import database_name, execute, fetchval, terminate_backends
+from tests.support.readonly import ExtDisk
 from tests.support.server import (
     LineConnection,
+    RunningServer,
     ServerProcess,
     free_port,
     isolated_settings,
@@ -150,6 +154,89 @@ async def test_sigterm_on_a_full_disk_exits_within_the_grace_and_the_job_is_redo
         await conn.close()
     finally:
         server.stop()
+
+
+# -- a database made read-only mid-run (both stores) -------------------------------------------
+
+
+async def _read_only_mid_run(
+    server: RunningServer,
+    make_read_only: Callable[[], Awaitable[None]],
+    make_writable: Callable[[], Awaitable[None]],
+) -> None:
+    """Sends before (delivered), while read-only (each ``unavailable``, readiness 503) and
+    after (delivered, without a restart): each job answered ``ok`` is sent exactly once."""
+    conn = await LineConnection.open(server.port)
+    base = f"http://127.0.0.1:{server.settings.http_port}"
+    accepted: dict[str, str] = {}
+
+    async def all_delivered() -> bool:
+        answers = [await conn.status(job_id) for job_id in accepted.values()]
+        return all(a["status"] == "delivered" for a in answers)
+
+    async with httpx.AsyncClient(base_url=base) as http:
+        await _send_until_accepted(conn, [f"before-{n}" for n in range(20)], accepted)
+        await wait_for(all_delivered, timeout=20, what="the jobs sent before delivered")
+        await make_read_only()
+        await wait_for(lambda: _status_of(http, "/readyz", 503), what="readiness lost")
+        during = [f"during-{n}" for n in range(20)]
+        await _send_until_accepted(conn, during, accepted, once=True)
+        assert not set(during) & set(accepted), "ok while the database was read-only"
+        assert (await http.get("/readyz")).status_code == 503
+        assert (await http.get("/healthz")).status_code == 200
+
+        await make_writable()
+        await wait_for(lambda: _status_of(http, "/readyz", 200), what="readiness back")
+        await _send_until_accepted(conn, [*during, *(f"after-{n}" for n in range(20))], accepted)
+        await wait_for(all_delivered, timeout=20, what="every accepted job delivered")
+    await conn.close()
+    lines = (server.outbox / "sms.jsonl").read_text().splitlines()
+    counts = Counter(json.loads(line)["id"] for line in lines)
+    assert set(counts) == set(accepted.values())
+    assert [job for job, n in counts.items() if n != 1] == [], "sent twice"
+
+
+async def test_a_sqlite_database_made_read_only_refuses_jobs_and_recovers_by_itself(
+    tmp_path: Path, ext_disk: ExtDisk
+) -> None:
+    database = ext_disk.path / "n.db"
+    settings = {"http_port": free_port(), "database_url": f"sqlite:///{database}"}
+
+    async def read_only() -> None:
+        ext_disk.freeze(database)
+
+    async def writable() -> None:
+        ext_disk.thaw()
+
+    async with running_server(tmp_path, **settings) as server:
+        await _read_only_mid_run(server, read_only, writable)
+
+
+@pytest.mark.postgres
+async def test_a_postgresql_database_made_read_only_refuses_jobs_and_recovers_by_itself(
+    tmp_path: Path, postgres_admin_url: str, postgres_url: str
+) -> None:
+    """As an operator does it: a read-only default for the database and its sessions cut.
+    Making it writable again cuts nothing: sessions that found it read-only reconnect."""
+    name = database_name(postgres_url)
+    settings = {"http_port": free_port(), "database_url": postgres_url}
+
+    async def read_only() -> None:
+        await execute(
+            postgres_admin_url, f"ALTER DATABASE {name} SET default_transaction_read_only = on"
+        )
+        await terminate_backends(postgres_admin_url, name)
+
+    async def writable() -> None:
+        await execute(
+            postgres_admin_url, f"ALTER DATABASE {name} RESET default_transaction_read_only"
+        )
+
+    try:
+        async with running_server(tmp_path, **settings) as server:
+            await _read_only_mid_run(server, read_only, writable)
+    finally:
+        await writable()
 
 
 # -- PostgreSQL: takeover by liveness ----------------------------------------------------------

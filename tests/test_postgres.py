@@ -416,6 +416,28 @@ async def test_the_heartbeat_goes_on_while_every_pooled_connection_is_held(
     assert await _holder(postgres_url, job.id) == "busy"
 
 
+async def test_the_heartbeat_says_when_it_fails_recovers_and_finds_itself_reaped(
+    stores: Any, postgres_admin_url: str, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await stores(**BEATING)
+    caplog.set_level(logging.INFO, logger="notifier.store.postgres")
+    await store.recover(owner="beating")
+    first = await query(postgres_url, "SELECT heartbeat_at FROM instances WHERE owner = 'beating'")
+
+    async def beat_from_the_thread() -> bool:
+        beat = "SELECT heartbeat_at > $1 FROM instances WHERE owner = 'beating'"
+        return bool(await query(postgres_url, beat, first))
+
+    await wait_for(beat_from_the_thread, what="the heartbeat's connection")
+    await terminate_backends(postgres_admin_url, database_name(postgres_url))
+    await wait_for(lambda: "heartbeat: store unavailable" in caplog.text, what="a failed beat")
+    await wait_for(lambda: "heartbeat: store reachable again" in caplog.text, what="a new beat")
+    await query(postgres_url, "DELETE FROM instances WHERE owner = 'beating'")
+    await wait_for(
+        lambda: "instance beating was presumed dead" in caplog.text, what="the reaping noticed"
+    )
+
+
 async def test_close_gives_back_what_the_instance_still_holds(stores: Any) -> None:
     leaving, staying = await stores(), await stores()
     await leaving.recover(owner="leaving")

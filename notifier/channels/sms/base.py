@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker
-from notifier.channels.sms.transport import GatewayTransport
+from notifier.channels.sms.transport import GatewayClient, GatewayTransport
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
@@ -150,9 +150,9 @@ def _host(url: httpx.URL | str) -> str:
 
 def new_http_client(settings: Settings) -> httpx.AsyncClient:
     """One provider's client: up to ``NOTIFIER_SMS_CONCURRENCY`` keep-alive connections on
-    aiohttp's connector (``transport``), timeouts, no redirects."""
+    aiohttp's connector (``transport``), timeouts, no redirects, no cookies."""
     size = settings.sms_concurrency
-    return httpx.AsyncClient(
+    return GatewayClient(
         transport=GatewayTransport(
             httpx.Limits(max_connections=size, max_keepalive_connections=size)
         ),

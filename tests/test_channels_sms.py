@@ -22,6 +22,7 @@ from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker, CircuitState
 from notifier.channels.outbox import OutboxChannel
 from notifier.channels.sms import PROVIDERS, ProviderConfig, SMSChannel, create_channel
+from notifier.channels.sms.base import new_http_client
 from notifier.channels.sms.ihuyi import CODES, Fault, code_error, until_next_china_day
 from notifier.dispatcher import Dispatcher
 from notifier.errors import (
@@ -333,6 +334,20 @@ async def test_all_numbers_delivered_is_a_receipt(
     receipt = await ihuyi.send(sms("13800138000", "13900139000"))
 
     assert sorted(receipt.provider_ids.values()) == ["1", "2"]  # type: ignore[type-var]
+
+
+async def test_a_gateway_client_keeps_no_cookies(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.post(IHUYI_URL).mock(
+        return_value=httpx.Response(200, headers={"Set-Cookie": "session=1; Path=/"}, json={})
+    )
+    async with new_http_client(sms_settings("ihuyi")) as client:
+        await client.post(IHUYI_URL)
+        await client.post(IHUYI_URL)
+        assert not client.cookies
+        with pytest.raises(TypeError, match="no cookies"):
+            client.cookies = {"session": "1"}
+
+    assert "cookie" not in route.calls.last.request.headers
 
 
 # Twilio

@@ -813,6 +813,34 @@ async def test_pace_counts_sends_across_claims_and_other_recipients_pass(store: 
     assert list(await store.pace("me", jobs, PER_HOUR)) == [same]
 
 
+@pytest.mark.parametrize("reopened", [False, True], ids=["same store", "after a restart"])
+async def test_a_failed_send_gives_its_count_back(
+    store_settings: Settings, store: Store, reopened: bool
+) -> None:
+    owner = "me"
+    await add(store, new_job(delay=-2), new_job(delay=-1))
+    jobs = await store.claim("sms", owner="me", limit=10, lease_seconds=LONG)
+    assert await store.pace("me", jobs, PER_HOUR) == {}
+    if reopened:  # the counts were taken before this start: they are given back all the same
+        if not isinstance(store, SQLiteStore):
+            pytest.skip("a shared store's restart is an instance's, not the store's")
+        await store.close()
+        store = open_store(store_settings)
+        await store.open()
+        owner = "me, started again"
+        await store.recover(owner=owner)
+        jobs = await store.claim("sms", owner=owner, limit=10, lease_seconds=LONG)
+    try:
+        failed = Outcome(jobs[0].id, JobStatus.FAILED, last_error="refused")
+        assert await store.record(owner, [failed]) == [True]
+        (third,) = await add(store, new_job())
+        claimed = await store.claim("sms", owner=owner, limit=10, lease_seconds=LONG)
+        assert await store.pace(owner, [j for j in claimed if j.id == third], PER_HOUR) == {}
+    finally:
+        if reopened:
+            await store.close()
+
+
 async def test_a_hold_defers_every_job_to_that_number(store: Store) -> None:
     until = utcnow() + timedelta(minutes=5)
     await store.hold_recipients({"+14155550101": until})

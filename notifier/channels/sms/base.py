@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker
-from notifier.channels.sms.transport import GatewayTransport
+from notifier.channels.sms.transport import GatewayClient, GatewayTransport
 from notifier.errors import (
     DeliveryConnectionError,
     DeliveryError,
@@ -150,9 +150,9 @@ def _host(url: httpx.URL | str) -> str:
 
 def new_http_client(settings: Settings) -> httpx.AsyncClient:
     """One provider's client: up to ``NOTIFIER_SMS_CONCURRENCY`` keep-alive connections on
-    aiohttp's connector (``transport``), timeouts, no redirects."""
+    aiohttp's connector (``transport``), timeouts, no redirects, no cookies."""
     size = settings.sms_concurrency
-    return httpx.AsyncClient(
+    return GatewayClient(
         transport=GatewayTransport(
             httpx.Limits(max_connections=size, max_keepalive_connections=size)
         ),
@@ -213,6 +213,12 @@ class SMSChannel(Channel):
         if not message.text:
             raise InvalidMessage(f"{self.provider}: the message has no text")
         numbers = message.pending_to
+        if len(numbers) == 1:  # the common case, without a task per number
+            result = await self._one(message, numbers[0])
+            if isinstance(result, DeliveryError):
+                raise result
+            name, provider_id = result
+            return Receipt(provider_ids={numbers[0]: provider_id}, providers={numbers[0]: name})
         results = await asyncio.gather(*(self._one(message, number) for number in numbers))
         sent = {n: r for n, r in zip(numbers, results, strict=True) if isinstance(r, tuple)}
         failed = {n: r for n, r in zip(numbers, results, strict=True) if not isinstance(r, tuple)}
@@ -220,8 +226,6 @@ class SMSChannel(Channel):
         providers = {number: name for number, (name, _) in sent.items()}
         if not failed:
             return Receipt(provider_ids=delivered, providers=providers)
-        if len(numbers) == 1:
-            raise next(iter(failed.values()))
         raise _combined(failed, delivered, providers, total=len(numbers))
 
     async def aclose(self) -> None:

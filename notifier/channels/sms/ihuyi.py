@@ -55,7 +55,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Self
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 from pydantic import SecretStr
@@ -208,8 +208,11 @@ class IhuyiProvider(SMSProvider):
     async def send_one(
         self, client: httpx.AsyncClient, text: str, number: str, job_id: str
     ) -> str | None:
-        form = (
-            self._fixed + b"&" + urlencode({"mobile": national(number), "content": text}).encode()
+        # What urlencode would make of the two fields, without its generic machinery.
+        form = b"%s&mobile=%s&content=%s" % (
+            self._fixed,
+            quote_plus(national(number)).encode(),
+            quote_plus(text).encode(),
         )
         answer = await post(client, self.name, self.url, content=form, headers=FORM)
         return read_answer(answer, number)

@@ -258,6 +258,25 @@ async def test_a_claim_reads_as_much_however_many_jobs_wait(stores: Any, postgre
         await conn.close()
 
 
+async def test_a_backlog_newer_than_the_statistics_is_claimed_from_its_own_ranges(
+    stores: Any, postgres_url: str
+) -> None:
+    """A bulk send outruns autovacuum's analyze (the store analyzed the empty table): a claim
+    still reads each priority's range of the due index and its rows by their key, not every
+    waiting job of the other priorities (it did, at 20,000 buffers a claim)."""
+    store = await stores()
+    await store.enqueue([new_job() for _ in range(5000)])
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        plan = await explained(conn, pg_store.CLAIM[True], "sms", "me", 60.0, 32, 4, analyze=True)
+    finally:
+        await conn.close()
+    nodes = list(plan_nodes(plan))
+    assert sum(node.get("Rows Removed by Filter", 0) for node in nodes) == 0, plan
+    assert sum(node.get("Actual Rows", 0) for node in nodes if "Index Name" in node) < 200, plan
+    assert plan["Actual Rows"] == 32
+
+
 # -- several instances -------------------------------------------------------------------------
 
 

@@ -96,10 +96,13 @@ def _claim(oldest: bool) -> str:
     due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
     lock = " FOR UPDATE SKIP LOCKED"
     chosen = sql.claim_order(due, oldest="$5" if oldest else None, limit="$4", lock=lock)
+    # The rows are found by their primary key alone: ``chosen`` locked them while they were
+    # waiting, so nobody else changed them since. A status condition here let a planner on
+    # stale statistics read the whole waiting index beside the key (a BitmapAnd).
     return (
         "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
         " lease_until = now() + make_interval(secs => $3), updated_at = now()"
-        f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
+        f" WHERE id = ANY(ARRAY({chosen}))"
         f" RETURNING {sql.CLAIMED_COLUMNS}"
     )
 
@@ -125,7 +128,14 @@ RECORD = (
     + TALLY.format(shard="$7::smallint", source="done", sign="")
     + " SELECT id FROM done"
 )
-NEXT_DUE = f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}"
+#: The first entry of each priority's range of the due index, the earliest of them.
+NEXT_DUE = "SELECT least({})".format(
+    ", ".join(
+        f"(SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}"
+        f" AND priority = {p.rank})"
+        for p in Priority
+    )
+)
 GET = f"SELECT {COLUMNS} FROM jobs WHERE id = $1"
 COUNT_BY_STATUS = (
     f"SELECT status, count(*) AS n FROM jobs WHERE {sql.WAITING} GROUP BY status"

@@ -360,6 +360,30 @@ async def test_work_sent_to_one_instance_wakes_the_others(stores: Any) -> None:
     await asyncio.wait_for(woken.wait(), 10)
 
 
+async def test_only_work_due_before_the_next_poll_wakes_anyone(
+    stores: Any, postgres_url: str
+) -> None:
+    """A bulk send scheduled ahead wakes no dispatcher per batch (their poll finds it in
+    time); a job due now does, here and in every instance, by one NOTIFY in commit order."""
+    store = await stores(poll_interval=1.0)
+    woken: list[None] = []
+    store.on_work(lambda: woken.append(None))
+    await wait_for(lambda: store._listener is not None and store._listener.connected.is_set())
+    woken.clear()  # the listener wakes everyone once it is connected, for what it missed
+    listening = await asyncpg.connect(postgres_url)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await listening.add_listener(schema.WORK_CHANNEL, lambda *args: heard.put_nowait(args[2]))
+        await store.enqueue([new_job(delay=5.0) for _ in range(3)])
+        assert woken == []
+        await store.enqueue([new_job(), new_job(delay=5.0)])
+        assert woken
+        assert await asyncio.wait_for(heard.get(), 10) == schema.WORK_CHANNEL
+        assert heard.empty()
+    finally:
+        await listening.close()
+
+
 async def test_the_listener_reconnects_after_its_connection_is_killed(
     stores: Any, postgres_admin_url: str, postgres_url: str
 ) -> None:

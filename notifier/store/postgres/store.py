@@ -109,8 +109,10 @@ def _claim(oldest: bool) -> str:
 
 
 #: ``(ids, channels, messages as JSON, keys, run_ats, priority ranks, collapse values,
-#: callback URLs, NOTIFY channel)``: the jobs whose keys are new, and one NOTIFY when any is,
-#: which goes out when the statement's transaction commits.
+#: callback URLs, NOTIFY channel, poll interval)``: the jobs whose keys are new, and one
+#: NOTIFY (sent when the statement's transaction commits) when any of them falls due before
+#: the dispatchers' next poll would find it. A batch due later wakes nobody: during a bulk
+#: send scheduled ahead, every batch woke every lane of every instance to claim nothing.
 ENQUEUE = (
     "WITH stored AS (INSERT INTO jobs (id, channel, status, message, idempotency_key,"
     " created_at, updated_at, run_at, priority, collapse, callback_url)"
@@ -119,9 +121,11 @@ ENQUEUE = (
     " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
     " $6::smallint[], $7::text[], $8::text[])"
     " AS j(id, channel, message, key, run_at, priority, collapse, callback_url)"
-    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key),"
-    " woken AS (SELECT pg_notify($9, '') FROM (SELECT FROM stored LIMIT 1) AS any_stored)"
-    " SELECT id, idempotency_key FROM stored LEFT JOIN woken ON true"
+    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key, run_at),"
+    " woken AS (SELECT pg_notify($9, '') FROM"
+    " (SELECT FROM stored WHERE run_at <= now() + make_interval(secs => $10) LIMIT 1) AS soon)"
+    " SELECT id, idempotency_key, run_at <= now() + make_interval(secs => $10) AS soon"
+    " FROM stored LEFT JOIN woken ON true"
 )
 #: ``(channel, owner, lease seconds, limit[, oldest])``, by whether ``oldest`` is above 0.
 CLAIM = {oldest: _claim(oldest) for oldest in (False, True)}
@@ -346,6 +350,7 @@ class PostgresStore(Store):
                 [job.collapse for job in rows],
                 [job.callback_url for job in rows],
                 schema.WORK_CHANNEL,
+                self.settings.poll_interval,
             )
             stored = {row["idempotency_key"]: row["id"] for row in inserted}
             conflicts = [
@@ -363,7 +368,7 @@ class PostgresStore(Store):
                 stored.update((row["idempotency_key"], row["id"]) for row in found)
             new_ids = {row["id"] for row in inserted}
             await self._collapse(conn, [job for job in rows if job.message.id in new_ids])
-        if inserted:
+        if any(row["soon"] for row in inserted):
             self._notify_work()
         return [self._answer(job, stored) for job in jobs]
 

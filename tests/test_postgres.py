@@ -262,6 +262,25 @@ async def test_a_claim_reads_as_much_however_many_jobs_wait(stores: Any, postgre
         await conn.close()
 
 
+async def test_a_backlog_newer_than_the_statistics_is_claimed_from_its_own_ranges(
+    stores: Any, postgres_url: str
+) -> None:
+    """A bulk send outruns autovacuum's analyze (the store analyzed the empty table): a claim
+    still reads each priority's range of the due index and its rows by their key, not every
+    waiting job of the other priorities (it did, at 20,000 buffers a claim)."""
+    store = await stores()
+    await store.enqueue([new_job() for _ in range(5000)])
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        plan = await explained(conn, pg_store.CLAIM[True], "sms", "me", 60.0, 32, 4, analyze=True)
+    finally:
+        await conn.close()
+    nodes = list(plan_nodes(plan))
+    assert sum(node.get("Rows Removed by Filter", 0) for node in nodes) == 0, plan
+    assert sum(node.get("Actual Rows", 0) for node in nodes if "Index Name" in node) < 200, plan
+    assert plan["Actual Rows"] == 32
+
+
 # -- several instances -------------------------------------------------------------------------
 
 
@@ -456,6 +475,30 @@ async def test_work_sent_to_one_instance_wakes_the_others(stores: Any) -> None:
     woken.clear()
     await sender.enqueue([new_job()])
     await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_only_work_due_before_the_next_poll_wakes_anyone(
+    stores: Any, postgres_url: str
+) -> None:
+    """A bulk send scheduled ahead wakes no dispatcher per batch (their poll finds it in
+    time); a job due now does, here and in every instance, by one NOTIFY in commit order."""
+    store = await stores(poll_interval=1.0)
+    woken: list[None] = []
+    store.on_work(lambda: woken.append(None))
+    await wait_for(lambda: store._listener is not None and store._listener.connected.is_set())
+    woken.clear()  # the listener wakes everyone once it is connected, for what it missed
+    listening = await asyncpg.connect(postgres_url)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await listening.add_listener(schema.WORK_CHANNEL, lambda *args: heard.put_nowait(args[2]))
+        await store.enqueue([new_job(delay=5.0) for _ in range(3)])
+        assert woken == []
+        await store.enqueue([new_job(), new_job(delay=5.0)])
+        assert woken
+        assert await asyncio.wait_for(heard.get(), 10) == schema.WORK_CHANNEL
+        assert heard.empty()
+    finally:
+        await listening.close()
 
 
 async def test_the_listener_reconnects_after_its_connection_is_killed(

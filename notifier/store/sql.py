@@ -209,26 +209,33 @@ def claim_order(due: str, *, oldest: str | None, limit: str, lock: str = "") -> 
     ``limit`` in all.
 
     ``due`` is ``FROM jobs WHERE <due work of the channel>``. Each priority is its own range
-    of the ``jobs_due_by_priority`` index (channel, priority, run_at, id), read in order up to
-    the limit, and the longest-waiting share one range of ``jobs_due`` (channel, run_at, id):
-    a claim reads about as many index entries as it takes, however many jobs wait for later.
-    One walk of the whole channel in priority order would step over every job not yet due
-    of a priority before reaching the next.
+    of the index (channel, priority, run_at, id), read in order up to the limit, and the
+    longest-waiting share the first ``oldest`` of those ranges merged by due time: a claim
+    reads about as many index entries as it takes, however many jobs wait for later, and
+    needs no second index in (channel, run_at) order that a planner could walk instead,
+    past every waiting job of the other priorities. One walk of the whole channel in
+    priority order would step over every job not yet due of a priority before the next.
     """
-    ranks = " UNION ALL ".join(
-        f"SELECT * FROM (SELECT id, priority, run_at {due} AND priority = {p.rank}"
-        f" ORDER BY run_at, id LIMIT {limit}{lock}) AS p{p.rank}"
-        for p in Priority
-    )
+    ranks = _priority_ranges(due, limit, lock)
     if oldest is None:
         return f"SELECT id FROM ({ranks}) AS p ORDER BY priority, run_at, id LIMIT {limit}"
     return (
         "SELECT id FROM ("
         f"SELECT id, 0 AS part, row_number() OVER (ORDER BY run_at, id) AS rn FROM"
-        f" (SELECT id, run_at {due} ORDER BY run_at, id LIMIT {oldest}{lock}) AS o"
+        f" (SELECT id, run_at FROM ({_priority_ranges(due, oldest, lock)}) AS r"
+        f" ORDER BY run_at, id LIMIT {oldest}) AS o"
         " UNION ALL"
         f" SELECT id, 1, row_number() OVER (ORDER BY priority, run_at, id) FROM ({ranks}) AS p)"
         f" AS chosen GROUP BY id ORDER BY min(part), min(rn) LIMIT {limit}"
+    )
+
+
+def _priority_ranges(due: str, limit: str, lock: str) -> str:
+    """The first ``limit`` due jobs of each priority, each read from its own index range."""
+    return " UNION ALL ".join(
+        f"SELECT * FROM (SELECT id, priority, run_at {due} AND priority = {p.rank}"
+        f" ORDER BY run_at, id LIMIT {limit}{lock}) AS p{p.rank}"
+        for p in Priority
     )
 
 

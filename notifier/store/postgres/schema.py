@@ -233,6 +233,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX jobs_failing ON jobs (updated_at) WHERE status IN ('retrying', 'failed');
         """,
     ),
+    Migration(
+        5,
+        "one index of waiting work",
+        """
+        -- Claims read each priority's range of it in due order, next_due each range's first
+        -- entry, and counts the index alone (it carries the status). With two indexes that
+        -- both matched a claim, the planner on statistics older than the backlog walked
+        -- (channel, run_at) for every priority, past all the waiting jobs of the others;
+        -- and every insert paid for both.
+        CREATE INDEX jobs_due_one ON jobs (channel, priority, run_at, id) INCLUDE (status)
+            WHERE status IN ('queued', 'retrying');
+        DROP INDEX jobs_due;
+        DROP INDEX jobs_due_by_priority;
+        ALTER INDEX jobs_due_one RENAME TO jobs_due;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

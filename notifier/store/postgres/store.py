@@ -2,8 +2,9 @@
 
 What keeps it a good job queue where many are not:
 
-- Intake commits a whole batch in one transaction (one multi-row INSERT over arrays) and sends
-  at most one NOTIFY with it; there are no per-row triggers to throttle inserts.
+- Intake commits a whole batch in one statement (one multi-row INSERT over arrays, one round
+  trip when nothing collapses) that sends at most one NOTIFY; there are no per-row triggers
+  to throttle inserts.
 - Claims take a batch with ``FOR UPDATE SKIP LOCKED`` from a partial index that holds only
   waiting work, in the index's own order, so instances never block each other and the plan
   does not depend on fresh statistics. No transaction stays open during a delivery.
@@ -98,14 +99,36 @@ def _claim(oldest: bool) -> str:
     due = f"FROM jobs WHERE channel = $1 AND {sql.WAITING} AND run_at <= now()"
     lock = " FOR UPDATE SKIP LOCKED"
     chosen = sql.claim_order(due, oldest="$5" if oldest else None, limit="$4", lock=lock)
+    # The rows are found by their primary key alone: ``chosen`` locked them while they were
+    # waiting, so nobody else changed them since. A status condition here let a planner on
+    # stale statistics read the whole waiting index beside the key (a BitmapAnd).
     return (
         "UPDATE jobs SET status = 'sending', attempts = attempts + 1, lease_owner = $2,"
         " lease_until = now() + make_interval(secs => $3), updated_at = now()"
-        f" WHERE {sql.WAITING} AND id = ANY(ARRAY({chosen}))"
+        f" WHERE id = ANY(ARRAY({chosen}))"
         f" RETURNING {sql.CLAIMED_COLUMNS}"
     )
 
 
+#: ``(ids, channels, messages as JSON, keys, run_ats, priority ranks, collapse values,
+#: callback URLs, NOTIFY channel, poll interval)``: the jobs whose keys are new, and one
+#: NOTIFY (sent when the statement's transaction commits) when any of them falls due before
+#: the dispatchers' next poll would find it. A batch due later wakes nobody: during a bulk
+#: send scheduled ahead, every batch woke every lane of every instance to claim nothing.
+ENQUEUE = (
+    "WITH stored AS (INSERT INTO jobs (id, channel, status, message, idempotency_key,"
+    " created_at, updated_at, run_at, priority, collapse, callback_url)"
+    " SELECT j.id, j.channel, 'queued', j.message::jsonb, j.key, now(), now(),"
+    " coalesce(j.run_at, now()), j.priority, j.collapse, j.callback_url"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
+    " $6::smallint[], $7::text[], $8::text[])"
+    " AS j(id, channel, message, key, run_at, priority, collapse, callback_url)"
+    " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key, run_at),"
+    " woken AS (SELECT pg_notify($9, '') FROM"
+    " (SELECT FROM stored WHERE run_at <= now() + make_interval(secs => $10) LIMIT 1) AS soon)"
+    " SELECT id, idempotency_key, run_at <= now() + make_interval(secs => $10) AS soon"
+    " FROM stored LEFT JOIN woken ON true"
+)
 #: ``(channel, owner, lease seconds, limit[, oldest])``, by whether ``oldest`` is above 0.
 CLAIM = {oldest: _claim(oldest) for oldest in (False, True)}
 #: ``(ids, statuses, errors, run_ats, results as JSON, owner, shard)``, one round trip.
@@ -127,7 +150,14 @@ RECORD = (
     + TALLY.format(shard="$7::smallint", source="done", sign="")
     + " SELECT id FROM done"
 )
-NEXT_DUE = f"SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}"
+#: The first entry of each priority's range of the due index, the earliest of them.
+NEXT_DUE = "SELECT least({})".format(
+    ", ".join(
+        f"(SELECT min(run_at) FROM jobs WHERE channel = $1 AND {sql.WAITING}"
+        f" AND priority = {p.rank})"
+        for p in Priority
+    )
+)
 GET = f"SELECT {COLUMNS} FROM jobs WHERE id = $1"
 COUNT_BY_STATUS = (
     f"SELECT status, count(*) AS n FROM jobs WHERE {sql.WAITING} GROUP BY status"
@@ -325,16 +355,11 @@ class PostgresStore(Store):
             key = job.idempotency_key
             batch.setdefault(("id", job.message.id) if key is None else ("key", key), job)
         rows = list(batch.values())
-        async with self._connection(transaction=True) as conn:
+        # Without collapsing, the one statement is the whole transaction: one round trip.
+        collapsing = any(job.collapse is not None for job in rows)
+        async with self._connection(transaction=collapsing) as conn:
             inserted = await conn.fetch(
-                "INSERT INTO jobs (id, channel, status, message, idempotency_key, created_at,"
-                " updated_at, run_at, priority, collapse, callback_url)"
-                " SELECT j.id, j.channel, 'queued', j.message::jsonb, j.key, now(), now(),"
-                " coalesce(j.run_at, now()), j.priority, j.collapse, j.callback_url"
-                " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
-                " $6::smallint[], $7::text[], $8::text[])"
-                " AS j(id, channel, message, key, run_at, priority, collapse, callback_url)"
-                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+                ENQUEUE,
                 [job.message.id for job in rows],
                 [job.message.channel for job in rows],
                 [pydantic_core.to_json(job.message.to_dict()).decode() for job in rows],
@@ -343,6 +368,8 @@ class PostgresStore(Store):
                 [job.priority.rank for job in rows],
                 [job.collapse for job in rows],
                 [job.callback_url for job in rows],
+                schema.WORK_CHANNEL,
+                self.settings.poll_interval,
             )
             stored = {row["idempotency_key"]: row["id"] for row in inserted}
             conflicts = [
@@ -360,9 +387,7 @@ class PostgresStore(Store):
                 stored.update((row["idempotency_key"], row["id"]) for row in found)
             new_ids = {row["id"] for row in inserted}
             await self._collapse(conn, [job for job in rows if job.message.id in new_ids])
-            if inserted:
-                await conn.execute("SELECT pg_notify($1, '')", schema.WORK_CHANNEL)
-        if inserted:
+        if any(row["soon"] for row in inserted):
             self._notify_work()
         return [self._answer(job, stored) for job in jobs]
 

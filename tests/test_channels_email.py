@@ -8,7 +8,6 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import trustme
 
 from notifier.channels.circuit import CircuitState
 from notifier.channels.email import SMTPChannel, _Built, classify_smtp_error, create_channel
-from notifier.channels.mime import build_email
+from notifier.channels.mime import email_bytes
 from notifier.channels.outbox import OutboxChannel
 from notifier.errors import (
     DeliveryConnectionError,
@@ -170,11 +169,11 @@ async def test_a_retry_sends_the_message_built_for_the_first_attempt(
 ) -> None:
     built: list[str] = []
 
-    def counting(job: Message, sender: str) -> EmailMessage:
+    def counting(job: Message, sender: str) -> bytes:
         built.append(job.id)
-        return build_email(job, sender)
+        return email_bytes(job, sender)
 
-    monkeypatch.setattr("notifier.channels.email.build_email", counting)
+    monkeypatch.setattr("notifier.channels.email.email_bytes", counting)
     sink.fail_next("DATA", "451 4.3.0 try again later")
     with pytest.raises(TransientDeliveryError):
         await channel.send(message(1))

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import email
+import email.errors
 import email.policy
-import json
+import random
 import re
-from collections.abc import Callable
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
-from pathlib import Path
-from typing import Any
 
 import pytest
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
 
 from notifier.channels import mime
 from notifier.channels.mime import (
     POLICY,
     HeaderInjection,
     build_email,
+    email_bytes,
     envelope,
     envelope_recipients,
+    parse_mailbox,
+    parsed_mailbox,
 )
-from notifier.channels.outbox import OutboxChannel
 from notifier.models import Message
 
 SENDER = "通知中心 <notify@example.com>"
@@ -118,57 +119,6 @@ def test_header_injection_is_refused(fields: dict[str, object]) -> None:
         build_email(chinese_message(**fields), SENDER)
 
 
-def comparable(data: bytes) -> tuple[object, ...]:
-    """A message apart from what differs between two builds: Date and the MIME boundary."""
-    mail = parse(data)
-    headers = [(k, v) for k, v in mail.items() if k not in ("Date", "Content-Type")]
-    return headers, mail.get_content_type(), [part.as_bytes() for part in mail.iter_parts()]
-
-
-async def test_outbox_writes_what_smtp_sends(tmp_path: Path) -> None:
-    message = chinese_message()
-    outbox = OutboxChannel(tmp_path, kind="email", sender=SENDER)
-
-    await outbox.send(message)
-
-    written = (tmp_path / "email" / "job1.eml").read_bytes()
-    assert written.isascii() and b"\r\n" in written
-    assert comparable(written) == comparable(bytes(build_email(message, SENDER)))
-
-
-@pytest.mark.parametrize("kind", ["email", "sms"])
-async def test_the_outbox_writes_messages_sent_together_in_one_thread_hop(
-    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hops: list[object] = []
-    real = asyncio.to_thread
-
-    async def counted(function: Callable[..., Any], *args: Any) -> Any:
-        hops.append(function)
-        return await real(function, *args)
-
-    monkeypatch.setattr("notifier.channels.outbox.asyncio.to_thread", counted)
-    outbox = OutboxChannel(tmp_path, kind=kind, sender=SENDER)
-    jobs = [
-        chinese_message(id=f"job{n}", channel=kind, to=(f"+86138{n:08d}",) if kind == "sms" else ())
-        for n in range(20)
-    ]
-
-    await asyncio.gather(*(outbox.send(job) for job in jobs))
-    await outbox.aclose()
-
-    assert len(hops) < len(jobs)
-    if kind == "email":
-        assert sorted(p.name for p in (tmp_path / "email").iterdir()) == sorted(
-            f"job{n}.eml" for n in range(20)
-        )
-    else:
-        lines = (tmp_path / "sms.jsonl").read_text().splitlines()
-        assert sorted(json.loads(line)["id"] for line in lines) == sorted(
-            f"job{n}" for n in range(20)
-        )
-
-
 def test_a_retry_skips_served_recipients_in_the_envelope_only() -> None:
     message = Message(
         id="j1",
@@ -201,3 +151,165 @@ def test_header_classes_are_made_once_and_the_bytes_stay_the_stock_policys(
     assert isinstance(stock_factory, HeaderRegistry) and isinstance(our_factory, HeaderRegistry)
     assert stock_factory["Subject"] is not stock_factory["subject"]  # a new class each time
     assert our_factory["Subject"] is our_factory["subject"]
+
+
+# email_bytes, the cheap way to build_email's bytes ---------------------------------------
+
+#: Printable ASCII, whitespace, what the email package treats specially (specials, quotes,
+#: encoded-word markers, long runs), and non-ASCII text, so both ways of building meet
+#: every branch: header lines written as given, folded, RFC 2047-encoded, bodies in 7bit,
+#: quoted-printable and base64.
+_TRICKY = st.sampled_from(
+    [
+        "=?",
+        "?=",
+        "=?utf-8?q?hi?=",
+        '"',
+        "\\",
+        "(",
+        ")",
+        ",",
+        ";",
+        ":",
+        ".",
+        "@",
+        "<",
+        ">",
+        "  ",
+        "\t",
+    ]
+)
+_CHARS = st.one_of(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+    st.characters(blacklist_categories=("Cs", "Cc")),
+    st.sampled_from(["张", "三", "é", "ß", "😀", " "]),
+)
+_TEXT = st.lists(st.one_of(_CHARS.map(str), _TRICKY), max_size=60).map("".join)
+_WORD = st.text(st.sampled_from("abcxyzABC019!#$%&'*+-/^_`{|}~"), min_size=1, max_size=12)
+_ADDR = st.builds(lambda local, domain: f"{local}@{domain}.example", _WORD, _WORD)
+_NAMES = st.one_of(
+    st.lists(_WORD, min_size=1, max_size=4).map(" ".join),  # written as given
+    _TEXT.filter(lambda name: name.strip() and "<" not in name and ">" not in name),
+    st.text(min_size=60, max_size=120).filter(lambda n: n.isalpha()),  # folded
+)
+_MAILBOX = st.one_of(_ADDR, st.builds(lambda name, addr: f"{name} <{addr}>", _NAMES, _ADDR))
+_BODY = st.one_of(
+    _TEXT,
+    st.text(st.sampled_from("ab \r\n\x0b\x0c"), max_size=40),
+    st.builds(lambda n, c: c * n, st.integers(76, 81), st.sampled_from("x张")),  # the 78 line
+)
+_SENDERS = st.sampled_from(["notifier@localhost", SENDER, "Notifier Team <team@example.com>"])
+PROPERTY = settings(derandomize=True, database=None, deadline=None, max_examples=400)
+
+
+def both_ways(job: Message, sender: str, date: float) -> tuple[bytes, bytes]:
+    """email_bytes and the email package's bytes, with the same Date and MIME boundary."""
+    random.seed(date)
+    fast = email_bytes(job, sender, date=date)
+    random.seed(date)
+    full = bytes(build_email(job, sender, date=date))
+    return fast, full
+
+
+@PROPERTY
+@given(
+    to=st.lists(_MAILBOX, min_size=1, max_size=3),
+    cc=st.lists(_MAILBOX, max_size=2),
+    reply_to=st.lists(_MAILBOX, max_size=1),
+    subject=st.one_of(_TEXT, st.text(max_size=200), st.none()),
+    text=st.one_of(_BODY, st.none()),
+    html=st.one_of(st.none(), _BODY),
+    message_id=st.one_of(st.none(), st.builds("<{}@{}>".format, _WORD, _WORD)),
+    sender=_SENDERS,
+    date=st.integers(0, 2**32),
+)
+@example(  # the bench's message
+    to=["Customer 7 <customer7@example.com>"],
+    cc=[],
+    reply_to=[],
+    subject="Your order 7",
+    text="Thank you for your order. bench #7",
+    html=None,
+    message_id=None,
+    sender="notifier@localhost",
+    date=1_796_000_000,
+)
+@example(
+    to=["a@b.example"],
+    cc=[],
+    reply_to=[],
+    subject="",
+    text="",
+    html=None,
+    message_id=None,
+    sender=SENDER,
+    date=0,
+)
+def test_email_bytes_are_the_email_packages_bytes(
+    to: list[str],
+    cc: list[str],
+    reply_to: list[str],
+    subject: str | None,
+    text: str | None,
+    html: str | None,
+    message_id: str | None,
+    sender: str,
+    date: int,
+) -> None:
+    job = chinese_message(
+        to=tuple(to),
+        cc=tuple(cc),
+        reply_to=tuple(reply_to),
+        subject=subject,
+        text=text,
+        html=html,
+        message_id=message_id,
+    )
+    try:
+        fast, full = both_ways(job, sender, date)
+    except (ValueError, IndexError, email.errors.MessageError) as exc:  # the package refuses it
+        with pytest.raises(type(exc)):
+            email_bytes(job, sender, date=date)
+        return
+
+    assert fast == full
+
+
+def test_a_plain_message_takes_no_header_or_body_through_the_email_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cheap path is taken where it should be, not only correct when it is."""
+    job = chinese_message(
+        to=("Customer 7 <customer7@example.com>", "b@example.com"),
+        cc=("c@example.com",),
+        reply_to=("Help Desk <help@example.com>",),
+        subject="Your order 7: shipped!",
+        html=None,
+        text="Thank you.\nSee you soon.",
+    )
+    email_bytes(job, "notifier@example.com", date=1_796_000_000)  # the Date and From, cached
+    folded: list[str] = []
+    real = mime._folded
+
+    def counting(name: str, value: object) -> bytes:
+        folded.append(name)
+        return real(name, value)
+
+    monkeypatch.setattr(mime, "_folded", counting)
+    monkeypatch.setattr(mime, "EmailMessage", None)  # building one would raise
+
+    email_bytes(job, "notifier@example.com", date=1_796_000_000)
+
+    assert folded == []
+
+
+@PROPERTY
+@given(value=_MAILBOX)
+@example(value="Customer 7 <customer7@example.com>")
+@example(value="o'brien+tag@mail.example")
+def test_plain_mailboxes_parse_as_the_email_package_parses_them(value: str) -> None:
+    try:
+        expected = parsed_mailbox(value)
+    except (ValueError, IndexError, email.errors.MessageError):  # not a mailbox: intake refuses it
+        assume(False)
+    assert parse_mailbox.__wrapped__(value) == expected

@@ -61,7 +61,7 @@ from pydantic import SecretStr
 from notifier.channels.aimd import AIMDWindow
 from notifier.channels.base import Channel
 from notifier.channels.circuit import CircuitBreaker
-from notifier.channels.mime import build_email, envelope, parse_mailbox
+from notifier.channels.mime import email_bytes, envelope, parse_mailbox
 from notifier.channels.outbox import OutboxChannel
 from notifier.errors import (
     DeliveryConnectionError,
@@ -466,7 +466,7 @@ class SMTPChannel(Channel):
 
     def _prepare(self, message: Message) -> tuple[bytes, dict[str, str]]:
         try:
-            data = self._built.take(message.id) or bytes(build_email(message, self._sender))
+            data = self._built.take(message.id) or email_bytes(message, self._sender)
             recipients = envelope(message)
         except ValueError as exc:
             raise PermanentDeliveryError(f"smtp: cannot build the message: {exc}") from exc

@@ -5,7 +5,9 @@ Writes each message where a person can look at it, instead of sending it: an ema
 JSON line per number. A redelivery after a crash overwrites the same ``.eml`` file.
 
 Messages that arrive together are written together (``batching.Batcher``): one thread hop
-per batch, the SMS lines in one append. Durability: a message counts as delivered once its
+per batch, the SMS lines in one append, the ``.eml`` files each written under a temporary
+name and renamed into place (a reader never sees half a message), by names relative to the
+folder opened once per batch. Durability: a message counts as delivered once its
 file is written (renamed into place, or the lines appended) and so survives the process
 being killed (``kill -9``: the kernel holds the written data); it is not fsynced, so a power
 loss may take the last files of a delivered job with it. The outbox is a stand-in for a
@@ -23,12 +25,22 @@ from pathlib import Path
 
 from notifier.batching import Batcher
 from notifier.channels.base import Channel
-from notifier.channels.mime import build_email
+from notifier.channels.mime import email_bytes
 from notifier.errors import PermanentDeliveryError, TransientDeliveryError
 from notifier.models import Message, Receipt
 
 #: What writing one message came to: nothing, or the error it gets.
 Written = OSError | ValueError | None
+
+#: A new file, or an old one emptied (a redelivery after a crash): as ``open(..., "wb")``.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+
+def _write_all(file: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(file, view) :]
 
 
 class OutboxChannel(Channel):
@@ -62,16 +74,24 @@ class OutboxChannel(Channel):
         folder = self.directory / "email"
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             return [exc] * len(messages)
-        return [self._write_email(folder, message) for message in messages]
-
-    def _write_email(self, folder: Path, message: Message) -> Written:
         try:
-            data = bytes(build_email(message, self.sender))
-            temporary = folder / f".{message.id}.tmp"
-            temporary.write_bytes(data)
-            os.replace(temporary, folder / f"{message.id}.eml")
+            return [self._write_email(folder_fd, message) for message in messages]
+        finally:
+            os.close(folder_fd)
+
+    def _write_email(self, folder_fd: int, message: Message) -> Written:
+        try:
+            data = email_bytes(message, self.sender)
+            temporary = f".{message.id}.tmp"
+            file = os.open(temporary, _CREATE, 0o666, dir_fd=folder_fd)
+            try:
+                _write_all(file, data)
+            finally:
+                os.close(file)
+            os.replace(temporary, f"{message.id}.eml", src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         except (OSError, ValueError) as exc:
             return exc
         return None

